@@ -1,0 +1,79 @@
+import filecmp
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from datasets import load_from_disk
+
+from medm2g_diffusers.cli import main
+from medm2g_diffusers.data.io import read_provenance, write_png
+from medm2g_diffusers.modalities import image_modality_keys
+
+CANONICAL = ["patient_id", "anatomy", "report", "findings", *image_modality_keys()]
+
+
+def _same_tree(a: Path, b: Path) -> bool:
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    return files_a == files_b and all(filecmp.cmp(a / f, b / f, shallow=False) for f in files_a)
+
+
+def _run_phantoms(out: Path, n: int) -> None:
+    assert main(["phantoms", "--n", str(n), "--seed", "1", "--size", "32", "--out", str(out)]) == 0
+
+
+def test_phantoms_command_writes_splits_and_preview_identically(tmp_path):
+    _run_phantoms(tmp_path / "a", 24)
+    _run_phantoms(tmp_path / "b", 24)
+    dataset = load_from_disk(str(tmp_path / "a"))
+    assert set(dataset) == {"train", "validation", "test"}
+    assert all(split.column_names == CANONICAL for split in dataset.values())
+    assert sum(split.num_rows for split in dataset.values()) == 24
+    provenance = read_provenance(tmp_path / "a" / "preview.png")
+    assert provenance is not None and str(provenance.get("synthetic")).lower() == "true"
+    assert _same_tree(tmp_path / "a", tmp_path / "b")
+
+
+def test_phantoms_command_refuses_to_overwrite(tmp_path, capsys):
+    _run_phantoms(tmp_path / "a", 8)
+    assert main(["phantoms", "--n", "8", "--out", str(tmp_path / "a")]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_bad_arguments_exit_with_a_message(tmp_path, capsys):
+    with pytest.raises(SystemExit) as error:
+        main(["phantoms", "--n", "0", "--out", str(tmp_path / "x")])
+    assert error.value.code == 2
+    assert "positive integer" in capsys.readouterr().err
+    assert main(["phantoms", "--n", "4", "--size", "30", "--out", str(tmp_path / "y")]) == 2
+    assert "size" in capsys.readouterr().err
+
+
+def test_prepare_command(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for folder in ("CT", "T1"):
+        (tmp_path / "in" / folder).mkdir(parents=True)
+        for index in range(4):
+            write_png(tmp_path / "in" / folder / f"s{index}.png", rng.random((16, 16)), provenance={"model": "test"})
+    code = main(["prepare", "--images", str(tmp_path / "in"), "--size", "16", "--out", str(tmp_path / "out")])
+    assert code == 0
+    dataset = load_from_disk(str(tmp_path / "out"))
+    rows = [row for split in dataset.values() for row in split]
+    assert len(rows) == 4 and all(row["mri_t1"] is not None and row["ct"] is not None for row in rows)
+    assert main(["prepare", "--images", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")]) == 2
+    assert "images must be an existing directory" in capsys.readouterr().err
+
+
+def test_console_entry_point_is_installed():
+    result = subprocess.run([Path(sys.executable).parent / "medm2g", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "phantoms" in result.stdout and "prepare" in result.stdout
+
+
+@pytest.mark.slow
+def test_phantoms_200_as_in_the_issue(tmp_path):
+    for name in ("a", "b"):
+        assert main(["phantoms", "--n", "200", "--seed", "1", "--out", str(tmp_path / name)]) == 0
+    assert _same_tree(tmp_path / "a", tmp_path / "b")
