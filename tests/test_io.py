@@ -572,8 +572,7 @@ def test_real_pngs(folder):
     assert read_provenance(path) is None
 
 
-@pytest.mark.slow  # ~2,600 files: 4 s on an idle 2-core machine, 9 s under load
-@requires_data
+@requires_data  # ~2,600 files: 4 s on an idle 2-core machine, 9 s under load; worth it in every run
 def test_every_shared_data_file_loads():
     n_images = 0
     for path in sorted(DATA_DIR.rglob("*")):

@@ -415,3 +415,18 @@ def test_bad_index_and_anatomy_are_rejected(generator):
         generator.patient(-1)
     with pytest.raises(ValueError, match="anatomy"):
         generator.patient(0, anatomy="knee")
+
+
+def test_noiseless_render_is_the_same_patient_without_noise():
+    gen = PhantomGenerator(seed=4, size=32)
+    for index in range(4):
+        noisy, clean = gen.patient(index), gen.patient(index, noiseless=True)
+        assert noisy.report == clean.report and noisy.findings == clean.findings
+        for key, image in noisy.images.items():
+            if image is None:
+                assert clean.images[key] is None
+                continue
+            residual = image - clean.images[key]
+            assert 0 < np.abs(residual).mean()  # noise was there
+            scale = 30.0 if key == "ct" else 0.1  # HU vs [0, 1]-ish units
+            assert np.abs(residual).mean() < scale  # and it was only noise

@@ -1600,13 +1600,16 @@ class PhantomGenerator:
         anatomy, phantom, _, _ = self._plan(index, anatomy)
         return self._rasterise(anatomy, phantom, slice(0, self.size))
 
-    def patient(self, index: int, anatomy: str | None = None) -> VirtualPatient:
+    def patient(self, index: int, anatomy: str | None = None, noiseless: bool = False) -> VirtualPatient:
         """Generates patient ``index``.
 
         Args:
             index (`int`): non-negative patient index.
             anatomy (`str`, *optional*): ``"chest"`` or ``"head"`` to force the anatomy; by default it is drawn
                 from the patient's own random stream. Forcing the anatomy the patient has anyway changes nothing.
+            noiseless (`bool`, defaults to `False`): render the same patient without acquisition noise (the
+                MRI bias field stays). Comparing both gives the phantoms' own noise floor, the best PSNR any
+                reconstruction of the noisy images can reach.
 
         Returns:
             [`VirtualPatient`] with images of shape `(size, size)`.
@@ -1614,14 +1617,16 @@ class PhantomGenerator:
         self._check(index, anatomy)
         anatomy, phantom, findings, slice_index = self._plan(index, anatomy)
         noise = self._rng(index, _STREAM_NOISE)
+        # Noise is drawn either way and scaled by 0 when noiseless, so the bias field and everything else match.
+        noise_scale = 0.0 if noiseless else 1.0
         if anatomy == "chest":
             labels, line_integral = self._project(phantom, slice_index)
-            xray = self._radiograph(line_integral, noise)
+            xray = self._radiograph(line_integral, noise, noise_scale)
         else:
             labels = self._rasterise(anatomy, phantom, slice(slice_index, slice_index + 1))[0]
             xray = None
-        images: dict[str, np.ndarray | None] = {"xray": xray, "ct": self._ct(labels, anatomy, noise)}
-        images.update(self._mri(labels, anatomy, noise))
+        images: dict[str, np.ndarray | None] = {"xray": xray, "ct": self._ct(labels, anatomy, noise, noise_scale)}
+        images.update(self._mri(labels, anatomy, noise, noise_scale))
         report = _write_report(anatomy, findings, self._rng(index, _STREAM_REPORT))
         return VirtualPatient(
             patient_id=f"phantom-s{self.seed}-{index:06d}",
@@ -1652,21 +1657,21 @@ class PhantomGenerator:
                 axial = labels[slice_index - rows.start].copy()
         return axial, line_integral
 
-    def _radiograph(self, line_integral: np.ndarray, noise: np.random.Generator) -> np.ndarray:
+    def _radiograph(self, line_integral: np.ndarray, noise: np.random.Generator, noise_scale: float) -> np.ndarray:
         """-log(I / I0) = integral(mu) through the characteristic curve, detector blur and noise; in [0, 1]."""
         floor = 1.0 / (1.0 + math.exp(_XRAY_MIDPOINT / _XRAY_WIDTH))
         curve = 1.0 / (1.0 + np.exp(-(line_integral - _XRAY_MIDPOINT) / _XRAY_WIDTH))
         image = ndimage.gaussian_filter((curve - floor) / (1.0 - floor), 0.5)
-        image = image + noise.normal(0.0, _XRAY_NOISE, image.shape)
+        image = image + noise_scale * noise.normal(0.0, _XRAY_NOISE, image.shape)
         return np.clip(image, 0.0, 1.0).astype(np.float32)
 
-    def _ct(self, labels: np.ndarray, anatomy: str, noise: np.random.Generator) -> np.ndarray:
+    def _ct(self, labels: np.ndarray, anatomy: str, noise: np.random.Generator, noise_scale: float) -> np.ndarray:
         """Axial slice in HU: tissue HU, a half-pixel PSF and Gaussian noise, clipped to the 12-bit range."""
         hu = ndimage.gaussian_filter(_HU[labels], 0.5)
-        hu = hu + noise.normal(0.0, _CT_NOISE_HU[anatomy], hu.shape)
+        hu = hu + noise_scale * noise.normal(0.0, _CT_NOISE_HU[anatomy], hu.shape)
         return np.clip(hu, -1024.0, 3071.0).astype(np.float32)
 
-    def _mri(self, labels: np.ndarray, anatomy: str, noise: np.random.Generator) -> dict[str, np.ndarray]:
+    def _mri(self, labels: np.ndarray, anatomy: str, noise: np.random.Generator, noise_scale: float) -> dict[str, np.ndarray]:
         """The four contrasts: signal lookup, half-pixel PSF, one coil bias field, Rician noise."""
         n = labels.shape[0]
         v, u = np.meshgrid(np.linspace(-1.0, 1.0, n), np.linspace(-1.0, 1.0, n), indexing="ij")
@@ -1675,7 +1680,7 @@ class PhantomGenerator:
         images = {}
         for key, table in _MRI_LUT[anatomy].items():
             signal = ndimage.gaussian_filter(table[labels], 0.5) * bias
-            real = signal + noise.normal(0.0, _MRI_NOISE, signal.shape)
-            imag = noise.normal(0.0, _MRI_NOISE, signal.shape)
+            real = signal + noise_scale * noise.normal(0.0, _MRI_NOISE, signal.shape)
+            imag = noise_scale * noise.normal(0.0, _MRI_NOISE, signal.shape)
             images[key] = np.sqrt(real * real + imag * imag).astype(np.float32)
         return images
