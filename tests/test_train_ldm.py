@@ -1,0 +1,167 @@
+"""Tests of stage 2 (`training/train_ldm.py`) and the single-flow helpers it shares with evaluation."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from medm2g_diffusers.data.datasets import build_phantom_dataset
+from medm2g_diffusers.models.prompt_encoders import MedM2GPromptEncoders
+from medm2g_diffusers.models.text_unet import MedM2GTextUNet
+from medm2g_diffusers.models.text_vae import MedM2GTextVAE
+from medm2g_diffusers.single_flow import Condition, build_image_unet, make_noise_scheduler, make_sampling_scheduler, sample_latents
+from medm2g_diffusers.tokenizer import train_report_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 32
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("train_ldm", ROOT / "training" / "train_ldm.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up in sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+train_ldm = _load_script()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A phantom dataset plus tiny stage-0/1 components saved where stage 2 looks for them."""
+    tmp = tmp_path_factory.mktemp("ldm")
+    dataset = build_phantom_dataset(40, seed=0, size=SIZE)
+    dataset.save_to_disk(str(tmp / "data"))
+    root = tmp / "out"
+    tokenizer = train_report_tokenizer(dataset["train"]["report"], vocab_size=400)
+    tokenizer.save_pretrained(str(root / "tokenizer"))
+    torch.manual_seed(0)
+    MedM2GPromptEncoders(
+        embed_dim=16, sample_size=SIZE, block_out_channels=[8, 16], token_grid=2, norm_num_groups=4,
+        text_vocab_size=len(tokenizer), text_hidden_size=16, text_num_layers=1, text_num_heads=2,
+        text_intermediate_size=32, barlow_twins_dim=8,
+    ).save_pretrained(str(root / "prompt_encoders"))
+    torch.manual_seed(0)
+    AutoencoderKL(
+        in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8), latent_channels=4, norm_num_groups=4, layers_per_block=1,
+    ).save_pretrained(str(root / "vae"))
+    torch.manual_seed(0)
+    MedM2GTextVAE(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, text_latent_dim=8, encoder_hidden_size=16, encoder_num_layers=1,
+        encoder_num_heads=2, encoder_intermediate_size=32, decoder_hidden_size=16, decoder_num_layers=1,
+        decoder_num_heads=2, max_position_embeddings=256,
+    ).save_pretrained(str(root / "text_vae"))
+    config = {
+        "defaults": {"seed": 0, "mixed_precision": "no", "checkpointing_steps": 2, "checkpoints_total_limit": 3},
+        "data": {"dataset": str(tmp / "data"), "size": SIZE},
+        "output_root": str(root),
+        "ldm": {
+            "train_batch_size": 4, "max_train_steps": 4, "learning_rate": 1e-3, "lr_warmup_steps": 1,
+            "max_grad_norm": 1.0, "condition_dropout": 0.1, "ema_decay": 0.9, "cache_latents": True,
+            "max_text_tokens": 64, "guidance_scale": 2.0, "validation_steps": 4, "validation_inference_steps": 2,
+            "num_validation_samples": 2,
+            "unet": {"block_out_channels": [16, 16], "layers_per_block": 1, "attention_head_dim": 8},
+            "text_unet": {"hidden_dim": 16, "num_blocks": 1, "attention_head_dim": 8},
+        },
+    }
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return tmp, path
+
+
+def _run(config: Path, family: str, output_dir: Path, *extra: str) -> dict:
+    return train_ldm.main(["--config", str(config), "--family", family, "--output_dir", str(output_dir), *extra])
+
+
+@pytest.mark.parametrize("family", ["xray", "mri", "text"])
+def test_smoke_run_writes_a_loadable_model_and_validation(workspace, family):
+    tmp, config = workspace
+    result = _run(config, family, tmp / f"run-{family}")
+    assert len(result["history"]) == 4 and all(np.isfinite(r["loss"]) for r in result["history"])
+    model_dir = Path(result["model"])
+    cls = MedM2GTextUNet if family == "text" else UNet2DConditionModel
+    model = cls.from_pretrained(str(model_dir))
+    if family == "mri":
+        assert model.config.num_class_embeds == 4
+    if family == "xray":
+        assert model.config.num_class_embeds is None
+    suffix = "txt" if family == "text" else "png"
+    assert (tmp / f"run-{family}" / "validation" / f"step-4.{suffix}").is_file()
+
+
+def test_resume_reproduces_the_next_loss(workspace):
+    """A run killed after its step-2 checkpoint and resumed sees the uninterrupted run's losses."""
+    tmp, config = workspace
+    full = _run(config, "ct", tmp / "full")
+    (tmp / "killed").mkdir()
+    shutil.copytree(tmp / "full" / "checkpoint-2", tmp / "killed" / "checkpoint-2")
+    resumed = _run(config, "ct", tmp / "killed", "--resume_from_checkpoint", "latest")
+    assert resumed["start_step"] == 2
+    full_losses = [r["loss"] for r in full["history"]][2:]
+    resumed_losses = [r["loss"] for r in resumed["history"]]
+    np.testing.assert_allclose(resumed_losses, full_losses, rtol=1e-5)
+
+
+def test_missing_stage_outputs_are_named(workspace, tmp_path):
+    _, config = workspace
+    data = yaml.safe_load(config.read_text())
+    data["output_root"] = str(tmp_path / "empty")
+    other = tmp_path / "c.yaml"
+    other.write_text(yaml.safe_dump(data))
+    with pytest.raises(FileNotFoundError, match="tokenizer does not exist"):
+        _run(other, "xray", tmp_path / "o")
+
+
+def test_item_enumeration_per_family(workspace):
+    tmp, _ = workspace
+    from medm2g_diffusers.data.datasets import load_medm2g_dataset
+
+    split = load_medm2g_dataset(tmp / "data")["train"]
+    chest = sum(a == "chest" for a in split["anatomy"])
+    assert len(train_ldm.enumerate_items(split, "xray")) == chest
+    assert len(train_ldm.enumerate_items(split, "mri")) == 4 * split.num_rows
+    # text: one item per present imaging modality (chest: xray + ct + 4 MRI; head: ct + 4 MRI)
+    assert len(train_ldm.enumerate_items(split, "text")) == 6 * chest + 5 * (split.num_rows - chest)
+
+
+def test_condition_drop_and_null():
+    tokens = torch.ones(3, 4, 2)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    dropped = Condition(tokens, mask).drop(torch.tensor([True, False, True]))
+    assert torch.equal(dropped.tokens[1], torch.zeros(4, 2)) and torch.equal(dropped.tokens[0], tokens[0])
+    assert dropped.mask[1].tolist() == [1, 0, 0, 0] and dropped.mask[0].tolist() == [1, 1, 0, 0]
+    both = Condition.cat([Condition(tokens[:, :2], mask[:, :2]), Condition(tokens, mask)])
+    assert both.tokens.shape == (6, 4, 2) and both.mask[:3, 2:].sum() == 0
+    with pytest.raises(ValueError, match="mask"):
+        Condition(tokens, mask[:, :2])
+
+
+def test_schedulers_follow_the_paper():
+    for scheduler in (make_noise_scheduler(), make_sampling_scheduler()):
+        assert scheduler.config.num_train_timesteps == 1000
+        assert scheduler.config.beta_schedule == "linear"
+        assert (scheduler.config.beta_start, scheduler.config.beta_end) == (0.00085, 0.012)
+        assert scheduler.config.clip_sample is False
+
+
+def test_guided_sampling_is_seeded_and_uses_the_condition():
+    torch.manual_seed(0)
+    unet = build_image_unet(sample_size=8, latent_channels=4, cross_attention_dim=8, block_out_channels=[16, 16], attention_head_dim=8).eval()
+    condition = Condition(torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.long))
+    a = sample_latents(unet, condition, (2, 4, 8, 8), num_inference_steps=2, generator=torch.Generator().manual_seed(1))
+    b = sample_latents(unet, condition, (2, 4, 8, 8), num_inference_steps=2, generator=torch.Generator().manual_seed(1))
+    c = sample_latents(unet, Condition(-condition.tokens, condition.mask), (2, 4, 8, 8), num_inference_steps=2,
+                       generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
