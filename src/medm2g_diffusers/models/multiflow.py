@@ -1,0 +1,369 @@
+"""The multi-flow container of MedM2G (stage 3): every family's denoiser, coupled by cross-guided attention.
+
+``MedM2GMultiFlowModel`` holds, as one diffusers model:
+
+* ``unets``: one denoiser per family, the stage-2 single-flow models: a `UNet2DConditionModel` per imaging
+  family (the MRI one with its contrast class embedding) and a :class:`~.text_unet.MedM2GTextUNet` for text,
+  each rebuilt from a config dict stored in this model's config;
+* ``context_encoders``: one :class:`~.context_encoder.ContextEncoder` V_m per family, holding the adaptive
+  tokens f_m;
+* the cross-guided processors θ_c (:class:`~.attention_processor.CrossGuidedAttnProcessor2_0`), installed on
+  the denoisers' attention layers in ``__init__`` from this model's config. `Attention.set_processor`
+  registers a processor that is an ``nn.Module`` as the layer's ``processor`` submodule, so θ_c is part of the
+  state dict (``unets.<family>.<layer>.processor.to_k_guide.weight``) and ``save_pretrained`` /
+  ``from_pretrained`` rebuild and reload it with no extra step.
+
+One joint denoising step (:meth:`MedM2GMultiFlowModel.forward`) runs every stream A's denoiser on its own
+latent, with its own condition tokens as ``encoder_hidden_states`` and, as guidance, the concatenated
+``V_B(z_t^B, t_B)`` of every *other* stream B. A never sees its own latent through the guidance path, and a
+stream generated alone gets no guidance at all: it is exactly its single-flow model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any, Union
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention_processor import Attention
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from torch import nn
+
+from ..modalities import family_keys, get_modality, modalities_of_family
+from ..single_flow import Condition
+from .attention_processor import CrossGuidedAttnProcessor2_0, GuidanceAwareAttnProcessor2_0
+from .context_encoder import ContextEncoder
+from .text_unet import MedM2GTextUNet
+
+ConditionLike = Union[Condition, tuple[torch.Tensor, Union[torch.Tensor, None]]]
+# Context-encoder settings inferred from each denoiser; from_single_flow refuses them as overrides.
+INFERRED_CONTEXT_KEYS = ("in_channels", "latent_type")
+
+
+def is_text_family(family: str) -> bool:
+    """A family whose modalities have no intensity map (the reports) is denoised by a `MedM2GTextUNet`."""
+    return not any(get_modality(key).is_image for key in modalities_of_family(family))
+
+
+def _plain_config(model: ModelMixin) -> dict[str, Any]:
+    """A model's init config as JSON types (tuples become lists), without diffusers' private ``_`` keys."""
+    return json.loads(json.dumps({k: v for k, v in model.config.items() if not k.startswith("_")}))
+
+
+class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
+    r"""
+    Per-family denoisers coupled by context encoders V and cross-guided attention θ_c.
+
+    Build it from trained single-flow models with :meth:`from_single_flow`; reload a saved one with
+    ``from_pretrained``. Do not call the denoisers' ``set_default_attn_processor`` (or enable xformers) on it:
+    that would replace the installed processors and drop θ_c.
+
+    Args:
+        unet_configs (`dict[str, dict]`):
+            Family -> init config of its denoiser (``UNet2DConditionModel`` for imaging families,
+            ``MedM2GTextUNet`` for the text family). Families are registry families (`modalities.family_keys`).
+        context_encoder_configs (`dict[str, dict]`):
+            Family -> init config of its `ContextEncoder`; same families as ``unet_configs``. All must share one
+            ``cross_attention_dim``, the width of the guidance tokens.
+        apply_to_self_attention (`bool`, defaults to `False`):
+            Whether self-attention layers (``attn1`` of the UNets' transformer blocks) also get θ_c. By default
+            only cross-attention layers do, as in IP-Adapter: they already read external tokens, and it keeps
+            θ_c at half the layers (the self-attention variant is unmeasured). Layers without θ_c still accept
+            the guidance kwargs, silently.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        unet_configs: dict[str, dict[str, Any]],
+        context_encoder_configs: dict[str, dict[str, Any]],
+        apply_to_self_attention: bool = False,
+    ):
+        super().__init__()
+        if not unet_configs:
+            raise ValueError("unet_configs must name at least one family")
+        unknown = [f for f in unet_configs if f not in family_keys()]
+        if unknown:
+            raise ValueError(f"unet_configs keys must be families from {family_keys()}; got {unknown}")
+        if set(context_encoder_configs) != set(unet_configs):
+            raise ValueError(
+                f"context_encoder_configs must have the families of unet_configs, {list(unet_configs)}; "
+                f"got {list(context_encoder_configs)}"
+            )
+
+        # Registry order, not dict order: a saved config.json sorts its keys, and parameter order (hence
+        # optimizer state on resume) must not depend on whether the model was built or reloaded.
+        families = [family for family in family_keys() if family in unet_configs]
+        self.context_encoders = nn.ModuleDict(
+            {family: ContextEncoder.from_config(context_encoder_configs[family]) for family in families}
+        )
+        guidance_dims = {encoder.config.cross_attention_dim for encoder in self.context_encoders.values()}
+        if len(guidance_dims) != 1:
+            raise ValueError(
+                "every context encoder must have the same cross_attention_dim (guidance tokens of several families "
+                f"are concatenated); got {sorted(guidance_dims)}"
+            )
+        self.guidance_dim = guidance_dims.pop()
+
+        self.unets = nn.ModuleDict()
+        for family in families:
+            unet_class = MedM2GTextUNet if is_text_family(family) else UNet2DConditionModel
+            self.unets[family] = unet_class.from_config(unet_configs[family])
+            self._install_processors(self.unets[family])
+
+    def _install_processors(self, unet: nn.Module) -> None:
+        """θ_c on cross-attention layers (and on self-attention ones if configured); the guidance-aware stock
+        processor everywhere else, so every layer accepts the guidance kwargs."""
+        processors = {}
+        for name in unet.attn_processors:
+            attn = unet.get_submodule(name[: -len(".processor")])
+            if attn.is_cross_attention or self.config.apply_to_self_attention:
+                processors[name] = CrossGuidedAttnProcessor2_0(
+                    attn.to_k.out_features, attn.to_v.out_features, self.guidance_dim
+                )
+            else:
+                processors[name] = GuidanceAwareAttnProcessor2_0()
+        unet.set_attn_processor(processors)
+
+    # ----------------------------------------------------------------------------------------- construction
+
+    @classmethod
+    def from_single_flow(
+        cls,
+        unets: dict[str, nn.Module],
+        context_encoder_kwargs: dict[str, Any] | None = None,
+        apply_to_self_attention: bool = False,
+    ) -> "MedM2GMultiFlowModel":
+        r"""
+        Builds the container around trained stage-2 denoisers, copying their weights exactly.
+
+        θ_c starts with zero values (the model predicts exactly what the single-flow models do) and, where the
+        shapes match, keys copied from the layer's own ``to_k`` (as IP-Adapter initialises its key projection),
+        so guidance tokens in the shared space are keyed like condition tokens from the first step.
+
+        Args:
+            unets (`dict[str, nn.Module]`):
+                Family -> trained denoiser (`UNet2DConditionModel` or `MedM2GTextUNet`), with stock processors.
+            context_encoder_kwargs (`dict`, *optional*):
+                `ContextEncoder` settings shared by every family (``hidden_dim``, ``num_adaptive_tokens``,
+                ``token_grid``, ...). ``in_channels`` and ``latent_type`` come from each denoiser;
+                ``cross_attention_dim`` defaults to the denoisers' common ``cross_attention_dim`` (the prompt
+                encoders' shared space, so adaptive tokens can be initialised from C_m embeddings).
+            apply_to_self_attention (`bool`, defaults to `False`): see the class docstring.
+
+        Returns:
+            `MedM2GMultiFlowModel` in float32 on the CPU; move it with ``.to()``.
+        """
+        if not unets:
+            raise ValueError("unets must map at least one family to its single-flow denoiser")
+        context_encoder_kwargs = dict(context_encoder_kwargs or {})
+        inferred = [k for k in INFERRED_CONTEXT_KEYS if k in context_encoder_kwargs]
+        if inferred:
+            raise ValueError(f"context_encoder_kwargs must not set {inferred}: they are read from each denoiser")
+        if "cross_attention_dim" not in context_encoder_kwargs:
+            dims = [unet.config.cross_attention_dim for unet in unets.values()]
+            if not all(isinstance(d, int) for d in dims) or len(set(dims)) != 1:
+                raise ValueError(
+                    "the denoisers do not share one integer cross_attention_dim "
+                    f"({dims}); pass context_encoder_kwargs['cross_attention_dim']"
+                )
+            context_encoder_kwargs["cross_attention_dim"] = dims[0]
+
+        model = cls(
+            unet_configs={family: _plain_config(unet) for family, unet in unets.items()},
+            context_encoder_configs={
+                family: {
+                    # out_channels is the latent alone, even for a UNet that also takes concatenated sources.
+                    "in_channels": unet.config.in_channels if is_text_family(family) else unet.config.out_channels,
+                    "latent_type": "text" if is_text_family(family) else "image",
+                    **context_encoder_kwargs,
+                }
+                for family, unet in unets.items()
+            },
+            apply_to_self_attention=apply_to_self_attention,
+        )
+        for family, unet in unets.items():
+            model._load_single_flow(family, unet)
+        return model
+
+    @torch.no_grad()
+    def _load_single_flow(self, family: str, unet: nn.Module) -> None:
+        target = self.unets[family]
+        guided = {
+            f"{name}.{parameter}"
+            for name, module in target.named_modules()
+            if isinstance(module, CrossGuidedAttnProcessor2_0)
+            for parameter, _ in module.named_parameters()
+        }
+        missing, unexpected = target.load_state_dict(unet.state_dict(), strict=False)
+        # Only θ_c may be absent from a single-flow state dict; anything else means a different architecture.
+        if unexpected or set(missing) - guided:
+            raise ValueError(
+                f"unets[{family!r}] does not match the denoiser built from its config: missing "
+                f"{sorted(set(missing) - guided)}, unexpected {sorted(unexpected)}"
+            )
+        for attn, processor in self._cross_guided_layers(family):
+            if attn.to_k.bias is None and attn.to_k.weight.shape == processor.to_k_guide.weight.shape:
+                processor.to_k_guide.weight.copy_(attn.to_k.weight)
+
+    # ------------------------------------------------------------------------------------------- training
+
+    def _cross_guided_layers(self, family: str) -> list[tuple[Attention, CrossGuidedAttnProcessor2_0]]:
+        return [
+            (module, module.processor)
+            for module in self.unets[family].modules()
+            if isinstance(module, Attention) and isinstance(module.processor, CrossGuidedAttnProcessor2_0)
+        ]
+
+    def trainable_parameters(self, families: str | Iterable[str] | None = None) -> list[nn.Parameter]:
+        r"""
+        Freezes the whole model, then unfreezes and returns what stage 3 trains for ``families``: their context
+        encoders V (adaptive tokens f included) and the θ_c projections inside their denoisers.
+
+        Args:
+            families (`str` or iterable of `str`, *optional*):
+                Families whose V and θ_c train (e.g. ``["text", "xray"]`` for the first round, ``["ct"]`` for the
+                text-ct round with text frozen). Defaults to every family of the model.
+
+        Returns:
+            `list[nn.Parameter]`, the parameters to hand to the optimizer.
+        """
+        requested = list(self.unets) if families is None else [families] if isinstance(families, str) else list(families)
+        unknown = [f for f in requested if f not in self.unets]
+        if unknown:
+            raise ValueError(f"families must be a subset of {list(self.unets)}; got {unknown}")
+        self.requires_grad_(False)
+        parameters = []
+        for family in (f for f in self.unets if f in requested):  # model order, for a stable optimizer state
+            parameters.extend(self.context_encoders[family].parameters())
+            for _, processor in self._cross_guided_layers(family):
+                parameters.extend(processor.parameters())
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        return parameters
+
+    # -------------------------------------------------------------------------------------------- forward
+
+    def family_of(self, key: str) -> str:
+        """The family of a stream key, which is a family (``"mri"``) or a modality key (``"mri_t1"``)."""
+        family = key if key in self.unets else get_modality(key, "latents key").family
+        if family not in self.unets:
+            raise ValueError(f"latents key {key!r} is of family {family!r}; this model has denoisers for {list(self.unets)}")
+        return family
+
+    def guidance_tokens(
+        self, latents: dict[str, torch.Tensor], timesteps: dict[str, torch.Tensor | float | int]
+    ) -> dict[str, torch.Tensor]:
+        r"""
+        Runs each stream's context encoder: ``V_B(z_t^B, t_B)`` for every key B of ``latents``.
+
+        Returns:
+            `dict[str, torch.Tensor]`: key -> tokens of shape `(batch, N_B + K_B, guidance_dim)`.
+        """
+        return {
+            key: self.context_encoders[self.family_of(key)](sample, timesteps[key]) for key, sample in latents.items()
+        }
+
+    def forward(
+        self,
+        latents: dict[str, torch.Tensor],
+        timesteps: dict[str, torch.Tensor | float | int],
+        conditions: dict[str, ConditionLike],
+        class_labels: dict[str, torch.Tensor] | None = None,
+        cross_guidance_scale: float = 1.0,
+    ) -> dict[str, torch.Tensor]:
+        r"""
+        One joint denoising step of every stream in ``latents``.
+
+        Stream A's denoiser attends to ``conditions[A]`` through its usual cross-attention and, through θ_c, to
+        ``cat_B V_B(z_t^B, t_B)`` over every other stream B (nothing when A is alone).
+
+        Args:
+            latents (`dict[str, torch.Tensor]`):
+                Stream key -> noisy latent: `(batch, C, H, W)` for an image family, `(batch, D, 1, 1)` for text.
+                A key is a family (``"ct"``, ``"mri"``) or a modality key (``"mri_t1"``); two contrasts of one
+                family can be generated jointly as two streams. Every stream has the same batch size.
+            timesteps (`dict[str, torch.Tensor | float | int]`):
+                Key -> timestep, a scalar or `(batch,)`; one for every key of ``latents``.
+            conditions (`dict[str, Condition | tuple]`):
+                Key -> condition tokens for that stream's denoiser: a `Condition`, or ``(tokens, mask)`` with
+                tokens `(batch, tokens, cross_attention_dim)` and mask `(batch, tokens)` or `None`.
+            class_labels (`dict[str, torch.Tensor]`, *optional*):
+                Key -> `(batch,)` labels for denoisers with a class embedding (the MRI contrast). For a modality
+                key (``"mri_t2"``) it defaults to the registry's ``contrast_index``.
+            cross_guidance_scale (`float`, defaults to 1.0):
+                Weight of the guidance branch of every θ_c layer (0 turns the coupling off).
+
+        Returns:
+            `dict[str, torch.Tensor]`: key -> the denoiser's prediction, shaped like that latent.
+        """
+        if not latents:
+            raise ValueError("latents must hold at least one stream")
+        for name, given in [("timesteps", timesteps), ("conditions", conditions)]:
+            missing = [key for key in latents if key not in given]
+            if missing:
+                raise ValueError(f"{name} must have an entry for every key of latents; missing {missing}")
+        batch_sizes = {key: sample.shape[0] for key, sample in latents.items()}
+        if len(set(batch_sizes.values())) != 1:
+            raise ValueError(f"every latent must have the same batch size; got {batch_sizes}")
+        class_labels = class_labels or {}
+        unknown = [key for key in class_labels if key not in latents]
+        if unknown:
+            raise ValueError(f"class_labels keys must be keys of latents {list(latents)}; got {unknown}")
+
+        guidance = self.guidance_tokens(latents, timesteps) if len(latents) > 1 else {}
+        predictions = {}
+        for key, sample in latents.items():
+            family = self.family_of(key)
+            unet = self.unets[family]
+            tokens, mask = self._unpack_condition(key, conditions[key])
+            extra = {}
+            labels = self._class_labels(key, family, class_labels.get(key), sample)
+            if labels is not None:
+                extra["class_labels"] = labels
+            others = [tokens_b for other, tokens_b in guidance.items() if other != key]
+            cross_attention_kwargs = None
+            if others:
+                cross_attention_kwargs = {
+                    "guidance_hidden_states": torch.cat(others, dim=1),
+                    "guidance_scale": cross_guidance_scale,
+                }
+            predictions[key] = unet(
+                sample,
+                timesteps[key],
+                encoder_hidden_states=tokens,
+                encoder_attention_mask=mask,
+                cross_attention_kwargs=cross_attention_kwargs,
+                **extra,
+            ).sample
+        return predictions
+
+    @staticmethod
+    def _unpack_condition(key: str, condition: ConditionLike) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if isinstance(condition, Condition):
+            return condition.tokens, condition.mask
+        if isinstance(condition, (tuple, list)) and len(condition) == 2 and torch.is_tensor(condition[0]):
+            return condition[0], condition[1]
+        raise ValueError(
+            f"conditions[{key!r}] must be a Condition or a (tokens, mask) tuple; got {type(condition).__name__}"
+        )
+
+    def _class_labels(
+        self, key: str, family: str, labels: torch.Tensor | None, sample: torch.Tensor
+    ) -> torch.Tensor | None:
+        has_class_embedding = bool(getattr(self.unets[family].config, "num_class_embeds", None))
+        if not has_class_embedding:
+            if labels is not None:
+                raise ValueError(f"class_labels[{key!r}] was given, but the {family!r} denoiser has no class embedding")
+            return None
+        if labels is not None:
+            return labels
+        if key != family:  # a modality key names its contrast
+            return torch.full((sample.shape[0],), get_modality(key).contrast_index, dtype=torch.long, device=sample.device)
+        raise ValueError(
+            f"class_labels[{key!r}] is required: the {family!r} denoiser has a class embedding (e.g. the MRI contrast); "
+            f"pass (batch,) labels or use a modality key such as {modalities_of_family(family)[0]!r}"
+        )
