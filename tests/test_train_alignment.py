@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
@@ -16,18 +15,12 @@ import yaml
 from medm2g_diffusers.data.datasets import canonical_features
 from medm2g_diffusers.models.prompt_encoders import MedM2GPromptEncoders
 
-ROOT = Path(__file__).resolve().parents[1]
+from training_scripts import load_training_script
+
 SIZE = 16
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("train_alignment", ROOT / "training" / "train_alignment.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_alignment = _load_script()
+train_alignment = load_training_script("train_alignment")
 
 FINDINGS = [
     [],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -17,18 +16,12 @@ from transformers import PreTrainedTokenizerFast
 from medm2g_diffusers.data.datasets import build_phantom_dataset, save_dataset
 from medm2g_diffusers.models.text_vae import MedM2GTextVAE
 
-ROOT = Path(__file__).resolve().parents[1]
+from training_scripts import load_training_script
+
 SIZE = 32
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("train_autoencoders", ROOT / "training" / "train_autoencoders.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_autoencoders = _load_script()
+train_autoencoders = load_training_script("train_autoencoders")
 
 
 @pytest.fixture(scope="module")

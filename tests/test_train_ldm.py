@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,19 +18,12 @@ from medm2g_diffusers.models.text_vae import MedM2GTextVAE
 from medm2g_diffusers.single_flow import Condition, build_image_unet, make_noise_scheduler, make_sampling_scheduler, sample_latents
 from medm2g_diffusers.tokenizer import train_report_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+from training_scripts import load_training_script
+
 SIZE = 32
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("train_ldm", ROOT / "training" / "train_ldm.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up in sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-train_ldm = _load_script()
+train_ldm = load_training_script("train_ldm")
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ from transformers import PreTrainedTokenizerFast
 
 from medm2g_diffusers.data.datasets import load_medm2g_dataset
 from medm2g_diffusers.data.io import write_png
-from medm2g_diffusers.modalities import from_model_range, get_modality, image_modality_keys, modalities_of_family, to_model_range
+from medm2g_diffusers.modalities import get_modality, image_modality_keys, modalities_of_family, to_model_range
 from medm2g_diffusers.models.prompt_encoders import MedM2GPromptEncoders
 from medm2g_diffusers.models.text_unet import MedM2GTextUNet
 from medm2g_diffusers.models.text_vae import MedM2GTextVAE

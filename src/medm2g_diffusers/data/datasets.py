@@ -30,7 +30,7 @@ from datasets import Array2D, Dataset, DatasetDict, Features, Value, load_from_d
 from PIL import Image
 
 from ..modalities import get_modality, image_modality_keys
-from .io import SUPPORTED_SUFFIXES, MedicalImageError, read_image
+from .io import SUPPORTED_SUFFIXES, read_image
 from .phantoms import PhantomGenerator
 
 SPLITS = ("train", "validation", "test")
