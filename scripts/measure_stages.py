@@ -123,7 +123,7 @@ def measure_text_vae(text_vae, tokenizer, reports: list[str]) -> dict[str, float
 
 
 @torch.no_grad()
-def text_to_image_montage(root: Path, dataset, components, args) -> tuple[Path, list[str]]:
+def text_to_image_montage(root: Path, dataset, components, args, path: Path) -> tuple[Path, list[str]]:
     """One chest and one head test patient per case; rows alternate real / generated."""
     split = dataset["test"]
     wanted = [("chest", "pleural_effusion", "left"), ("chest", "pleural_effusion", "right"), ("chest", "cardiomegaly", None),
@@ -161,9 +161,8 @@ def text_to_image_montage(root: Path, dataset, components, args) -> tuple[Path, 
             sample.setdefault("fake", {})[key] = None if (key == "xray" and row["anatomy"] != "chest") else from_model_range(image, key)
     tiles, labels = [], []
     for i, sample in enumerate(samples):
-        tiles += [sample["real"], sample["fake"]]
+        tiles += [sample["real"], sample.get("fake", {})]
         labels += [f"real {i}", f"generated {i}"]
-    path = ROOT / "docs" / "images" / "stages_text_to_image.png"
     image = montage(tiles, tile=96, labels=labels)
     write_png(path, np.asarray(image, np.float32) / 255.0, provenance={"model": f"medm2g single-flow LDMs ({root})", "layout": "pairs of rows: real phantom / generated from its report"})
     return path, reports
@@ -207,15 +206,15 @@ def main():
     vae_results = measure_image_vae(components["vae"], dataset, size, args.max_images)
     reports = [r for r in dataset["test"]["report"] if r][: args.max_reports]
     text_results = measure_text_vae(components["text_vae"], components["tokenizer"], reports)
-    montage_path, montage_reports = text_to_image_montage(root, dataset, components, args)
-    report_samples = image_to_report_samples(dataset, components, args)
-    alignment_json = ROOT / "docs" / "results" / "alignment.json"
-    alignment = json.loads(alignment_json.read_text()) if alignment_json.is_file() else None
-    results = {"image_vae": vae_results, "text_vae": text_results, "report_samples": report_samples,
-               "montage": str(montage_path.relative_to(ROOT)), "montage_reports": montage_reports,
-               "seconds": time.perf_counter() - started, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    montage_path, montage_reports = text_to_image_montage(root, dataset, components, args, out.with_name(f"{out.stem}_text_to_image.png"))
+    report_samples = image_to_report_samples(dataset, components, args)
+    alignment_json = ROOT / "docs" / "results" / "alignment-1000.json"
+    alignment = json.loads(alignment_json.read_text()) if alignment_json.is_file() else None
+    results = {"image_vae": vae_results, "text_vae": text_results, "report_samples": report_samples,
+               "montage": montage_path.name, "montage_reports": montage_reports,
+               "seconds": time.perf_counter() - started, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"}
     out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str))
     out.write_text(render(results, alignment, args))
     print(out.read_text())
@@ -250,9 +249,11 @@ def render(results: dict, alignment: dict | None, args) -> str:
     for ref, dec in results["text_vae"]["examples"]:
         lines += [f"- real: {ref}", f"  decoded: {dec}"]
     if alignment is not None:
-        lines += ["", "## Cross-modal retrieval (alignment stage)", "", "See [alignment.md](alignment.md) for the full table and timings."]
+        lines += ["", "## Cross-modal retrieval (alignment stage)", "",
+                  "[alignment-1000.md](alignment-1000.md): the 1,000-step central + VI prompt encoders these LDMs are "
+                  "conditioned on; [alignment.md](alignment.md): central vs no-VI vs pairwise at 200 steps, with wall times."]
     lines += ["", "## Single-flow text -> image", "",
-              f"![real / generated pairs]({Path('..') / Path(results['montage']).relative_to('docs')})", "",
+              f"![real / generated pairs]({results['montage']})", "",
               "Pairs of rows: the real phantom, then each family's single-flow LDM sampled from that patient's report "
               f"(DDIM {args.steps}, guidance {args.guidance}, seed {args.seed}). Reports:", ""]
     lines += [f"{i}. {r}" for i, r in enumerate(results["montage_reports"])]
