@@ -39,7 +39,7 @@ from medm2g_diffusers.modalities import from_model_range, get_modality, image_mo
 from medm2g_diffusers.models.prompt_encoders import MedM2GPromptEncoders
 from medm2g_diffusers.models.text_unet import MedM2GTextUNet
 from medm2g_diffusers.models.text_vae import MedM2GTextVAE
-from medm2g_diffusers.single_flow import encode_image_condition, encode_text_condition, sample_latents
+from medm2g_diffusers.single_flow import encode_image_condition, encode_text_condition, make_noise_scheduler, sample_latents
 
 ROOT = Path(__file__).resolve().parents[1]
 PATIENT_ID = re.compile(r"^phantom-s(\d+)-(\d+)$")
@@ -55,6 +55,7 @@ def parse_args():
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "stages.md"))
+    parser.add_argument("--note", default="", help="a paragraph on how the models were trained, put under the title")
     return parser.parse_args()
 
 
@@ -169,6 +170,38 @@ def text_to_image_montage(root: Path, dataset, components, args, path: Path) -> 
 
 
 @torch.no_grad()
+def ldm_diagnostics(dataset, components, args, n: int = 32) -> dict[str, dict[str, float]]:
+    """Per image LDM: epsilon-MSE on noised test latents at a few timesteps, and the std of sampled vs real latents.
+
+    An LDM whose sampled latents are far wider than real ones, with a large error at small t, is undertrained.
+    """
+    split, vae, scheduler = dataset["test"], components["vae"], make_noise_scheduler()
+    out = {}
+    for key in ("xray", "ct", "mri_t1"):
+        unet = components.get(f"unet_{get_modality(key).family}")
+        if unet is None:
+            continue
+        images, _ = test_images(split, key, n)
+        rows = split.select(np.flatnonzero(~np.asarray(split.data.column(key).is_null().to_numpy(zero_copy_only=False)))[:n].tolist())
+        condition = encode_text_condition(components["prompt_encoders"], components["tokenizer"], list(rows["report"]), 160)
+        latents = vae.encode(model_range(images, key)).latent_dist.mean * vae.config.scaling_factor
+        labels = {"class_labels": torch.full((len(images),), get_modality(key).contrast_index)} if unet.config.num_class_embeds else {}
+        generator = torch.Generator().manual_seed(args.seed)
+        result = {"real_latent_std": latents.std().item()}
+        for t in (50, 300, 700):
+            noise = torch.randn(latents.shape, generator=generator)
+            timesteps = torch.full((len(images),), t)
+            prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, encoder_hidden_states=condition.tokens,
+                              encoder_attention_mask=condition.mask, **labels).sample
+            result[f"eps_mse_t{t}"] = torch.mean((prediction - noise) ** 2).item()
+        sampled = sample_latents(unet, condition, tuple(latents.shape), num_inference_steps=args.steps, guidance_scale=args.guidance,
+                                 generator=torch.Generator().manual_seed(args.seed), class_labels=labels.get("class_labels"))
+        result["sampled_latent_std"] = sampled.std().item()
+        out[key] = result
+    return out
+
+
+@torch.no_grad()
 def image_to_report_samples(dataset, components, args) -> list[dict[str, str]]:
     unet, text_vae, tokenizer = components.get("unet_text"), components["text_vae"], components["tokenizer"]
     if unet is None:
@@ -210,9 +243,10 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     montage_path, montage_reports = text_to_image_montage(root, dataset, components, args, out.with_name(f"{out.stem}_text_to_image.png"))
     report_samples = image_to_report_samples(dataset, components, args)
+    diagnostics = ldm_diagnostics(dataset, components, args)
     alignment_json = ROOT / "docs" / "results" / "alignment-1000.json"
     alignment = json.loads(alignment_json.read_text()) if alignment_json.is_file() else None
-    results = {"image_vae": vae_results, "text_vae": text_results, "report_samples": report_samples,
+    results = {"image_vae": vae_results, "text_vae": text_results, "report_samples": report_samples, "ldm_diagnostics": diagnostics,
                "montage": montage_path.name, "montage_reports": montage_reports,
                "seconds": time.perf_counter() - started, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"}
     out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str))
@@ -227,6 +261,7 @@ def render(results: dict, alignment: dict | None, args) -> str:
         f"Made by `python scripts/measure_stages.py --root {args.root} --dataset {args.dataset}` "
         f"({results['machine']}; {results['seconds']:.0f} s). Raw numbers: `stages.json`.",
         "",
+        *([args.note, ""] if args.note else []),
         "## Image VAE reconstruction (model range [-1, 1], `data_range=2`)",
         "",
         "| modality | n | PSNR vs noisy | SSIM vs noisy | PSNR vs noiseless | SSIM vs noiseless | noise floor PSNR (noisy vs noiseless) |",
@@ -257,6 +292,13 @@ def render(results: dict, alignment: dict | None, args) -> str:
               "Pairs of rows: the real phantom, then each family's single-flow LDM sampled from that patient's report "
               f"(DDIM {args.steps}, guidance {args.guidance}, seed {args.seed}). Reports:", ""]
     lines += [f"{i}. {r}" for i, r in enumerate(results["montage_reports"])]
+    if results["ldm_diagnostics"]:
+        lines += ["", "### Image LDM diagnostics (32 test images each)", "",
+                  "| modality | eps-MSE t=50 | eps-MSE t=300 | eps-MSE t=700 | std of real latents | std of sampled latents |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for key, r in results["ldm_diagnostics"].items():
+            lines.append(f"| {key} | {r['eps_mse_t50']:.3f} | {r['eps_mse_t300']:.3f} | {r['eps_mse_t700']:.3f} | "
+                         f"{r['real_latent_std']:.2f} | {r['sampled_latent_std']:.2f} |")
     if results["report_samples"]:
         lines += ["", "## Single-flow image -> report", ""]
         for s in results["report_samples"]:
