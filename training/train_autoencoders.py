@@ -111,7 +111,7 @@ def collate_images(examples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
+class LengthBucketBatchSampler(StepBatchSampler):
     """Batches of similar-length reports; batch ``s`` depends on ``(seed, s, process_index)`` only.
 
     Reports are sorted by token count and cut into ``num_buckets`` equal buckets; each step picks a bucket
@@ -137,18 +137,12 @@ class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         num_buckets = min(num_buckets, max(1, len(order) // batch_size))
         self.buckets = [bucket for bucket in np.array_split(order, num_buckets) if len(bucket)]
         self.weights = np.array([len(b) for b in self.buckets], dtype=np.float64) / len(order)
-        self.batch_size, self.seed = batch_size, seed
-        self.max_steps, self.start_step, self.process_index = max_steps, start_step, process_index
+        super().__init__(len(order), batch_size, seed, max_steps, start_step, process_index)
 
-    def __len__(self) -> int:
-        return max(0, self.max_steps - self.start_step)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for step in range(self.start_step, self.max_steps):
-            rng = np.random.default_rng([self.seed, step, self.process_index])
-            bucket = self.buckets[rng.choice(len(self.buckets), p=self.weights)]
-            picks = rng.choice(len(bucket), size=self.batch_size, replace=self.batch_size > len(bucket))
-            yield bucket[picks].tolist()
+    def draw(self, rng: np.random.Generator) -> list[int]:
+        bucket = self.buckets[rng.choice(len(self.buckets), p=self.weights)]
+        picks = rng.choice(len(bucket), size=self.batch_size, replace=self.batch_size > len(bucket))
+        return bucket[picks].tolist()
 
 
 def pad_reports(examples: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -105,9 +105,12 @@ class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.start_step, self.max_steps):
-            rng = np.random.default_rng([self.seed, step, self.process_index])
-            replace = self.batch_size > self.num_samples
-            yield rng.choice(self.num_samples, size=self.batch_size, replace=replace).tolist()
+            yield self.draw(np.random.default_rng([self.seed, step, self.process_index]))
+
+    def draw(self, rng: np.random.Generator) -> list[int]:
+        """One batch from the step's generator; subclasses change how indices are drawn, not the stepping."""
+        replace = self.batch_size > self.num_samples
+        return rng.choice(self.num_samples, size=self.batch_size, replace=replace).tolist()
 
 
 # --------------------------------------------------------------------------------------- checkpoints
