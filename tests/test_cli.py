@@ -1,4 +1,5 @@
 import filecmp
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,58 @@ def test_phantoms_200_as_in_the_issue(tmp_path):
     for name in ("a", "b"):
         assert main(["phantoms", "--n", "200", "--seed", "1", "--out", str(tmp_path / name)]) == 0
     assert _same_tree(tmp_path / "a", tmp_path / "b")
+
+
+# ------------------------------------------------------------------------------------------- generate
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline_dir(tmp_path_factory):
+    from medm2g_diffusers import MedM2GPipeline
+    from tiny_pipeline import get_dummy_components
+
+    path = tmp_path_factory.mktemp("pipe") / "model"
+    MedM2GPipeline(**get_dummy_components()).save_pretrained(path)
+    return path
+
+
+def test_generate_text_to_images_in_every_format(tiny_pipeline_dir, tmp_path, capsys):
+    from medm2g_diffusers.data.io import read_image, read_provenance
+
+    for fmt, suffix in (("png", ".png"), ("dicom", ".dcm"), ("nifti", ".nii.gz")):
+        out = tmp_path / fmt
+        code = main(["generate", "--model", str(tiny_pipeline_dir), "--prompt", "Small left pleural effusion.",
+                     "--targets", "xray", "ct", "--steps", "2", "--format", fmt, "--out", str(out)])
+        assert code == 0
+        for target in ("xray", "ct"):
+            path = out / f"{target}_0{suffix}"
+            record = read_provenance(path)
+            assert record["synthetic"] is True and record["modality"] == target and record["seed"] == 0
+            assert read_image(path).array.shape == (32, 32)
+    assert "generated xray, ct in" in capsys.readouterr().out
+
+
+def test_generate_from_condition_files(tiny_pipeline_dir, tmp_path, capsys):
+    from medm2g_diffusers.data.io import write_dicom, write_nifti
+    from medm2g_diffusers.data.phantoms import PhantomGenerator
+
+    patient = PhantomGenerator(seed=0, size=64).patient(0, anatomy="chest")
+    write_dicom(tmp_path / "ct.dcm", patient.images["ct"], modality="ct", provenance={"model": "phantom"})
+    write_nifti(tmp_path / "t2.nii.gz", patient.images["mri_t2"], provenance={"model": "phantom"})
+    code = main(["generate", "--model", str(tiny_pipeline_dir), "--condition", f"ct={tmp_path / 'ct.dcm'}",
+                 "--targets", "text", "--steps", "2", "--out", str(tmp_path / "report")])
+    assert code == 0 and (tmp_path / "report" / "report_0.txt").read_text().startswith("SYNTHETIC REPORT")
+    assert json.loads((tmp_path / "report" / "report_0.json").read_text())["provenance"]["synthetic"] is True
+    assert "resizing ct" in capsys.readouterr().out  # 64 px files for a 32 px model: said, not silent
+    code = main(["generate", "--model", str(tiny_pipeline_dir), "--condition", f"mri_t2={tmp_path / 't2.nii.gz'}",
+                 "--condition", f"mri_t1={tmp_path / 't2.nii.gz'}", "--targets", "ct", "--steps", "2", "--out", str(tmp_path / "ct")])
+    assert code == 0 and (tmp_path / "ct" / "ct_0.png").is_file()
+
+
+def test_generate_errors_are_one_line(tiny_pipeline_dir, tmp_path, capsys):
+    assert main(["generate", "--model", str(tiny_pipeline_dir), "--targets", "pet", "--prompt", "x", "--out", str(tmp_path)]) == 2
+    assert "targets must be one of" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path / "missing"), "--targets", "xray", "--prompt", "x"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tiny_pipeline_dir), "--targets", "ct", "--condition", f"xray={tmp_path / 'none.png'}"]) == 2
+    assert "none.png" in capsys.readouterr().err

@@ -313,7 +313,7 @@ def test_trainable_parameters_are_v_f_and_theta_c_only(single_flow):
         else:
             assert parameter.grad is None, name
 
-    with pytest.raises(ValueError, match="families must be a subset"):
+    with pytest.raises(ValueError, match="families and denoisers must be subsets"):
         model.trainable_parameters(["ct"])
 
 
@@ -330,3 +330,89 @@ def test_forward_errors(single_flow):
         by_family = model({"mri": latents["mri_t2"]}, {"mri": 5}, {"mri": conditions["mri_t2"]}, {"mri": torch.tensor([1, 1])})
         by_modality = model({"mri_t2": latents["mri_t2"]}, {"mri_t2": 5}, {"mri_t2": conditions["mri_t2"]})
     assert torch.equal(by_family["mri"], by_modality["mri_t2"])  # mri_t2 is contrast index 1
+
+
+# ------------------------------------------------------------------------------------------------ source slots
+
+SLOTS = {"xray": ["ct"], "mri": ["mri_t1", "mri_t2", "mri_pd", "mri_flair"]}
+
+
+def make_slotted_model(single_flow, source_guidance: bool = False) -> MedM2GMultiFlowModel:
+    unets = {**single_flow, "ct": single_flow["xray"]}
+    torch.manual_seed(0)
+    return MedM2GMultiFlowModel.from_single_flow(unets, CONTEXT_KWARGS, source_slots=SLOTS, source_guidance=source_guidance).eval()
+
+
+def test_source_slots_widen_conv_in_with_zeros_and_start_at_single_flow(single_flow):
+    model = make_slotted_model(single_flow)
+    conv = model.unets["xray"].conv_in
+    assert conv.in_channels == CHANNELS * 2 + 1 == model.unets["xray"].config.in_channels
+    assert torch.equal(conv.weight[:, :CHANNELS], single_flow["xray"].conv_in.weight)
+    assert torch.count_nonzero(conv.weight[:, CHANNELS:]) == 0
+    assert model.unets["mri"].config.in_channels == CHANNELS * 5 + 4
+    latents, timesteps, conditions = joint_inputs()
+    source = torch.randn(BATCH, CHANNELS, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = model({"xray": latents["xray"]}, timesteps, conditions, sources={"xray": {"ct": source}})
+    expected = single_flow_prediction(single_flow, "xray", latents, timesteps, conditions)
+    assert torch.allclose(got["xray"], expected, atol=1e-6)  # zero weights: the source does not enter yet
+
+
+def test_source_slots_carry_the_source_and_its_mask(single_flow):
+    model = make_slotted_model(single_flow)
+    with torch.no_grad():
+        model.unets["xray"].conv_in.weight.normal_(generator=torch.Generator().manual_seed(2))
+    latents, timesteps, conditions = joint_inputs()
+    source = torch.randn(BATCH, CHANNELS, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    run = lambda **kw: model({"xray": latents["xray"]}, timesteps, conditions, **kw)["xray"]  # noqa: E731
+    with torch.no_grad():
+        absent, present = run(), run(sources={"xray": {"ct": source}})
+        shifted = run(sources={"xray": {"ct": source + 1}})
+        dropped = run(sources={"xray": {"ct": source}}, source_keep={"xray": {"ct": torch.tensor([True, False])}})
+    assert (present - absent).abs().amax() > 1e-3 and (shifted - present).abs().amax() > 1e-3
+    assert torch.allclose(dropped[1], absent[1], atol=1e-6) and torch.allclose(dropped[0], present[0], atol=1e-6)
+    channels = model.source_input("mri", {"mri_t2": source}, None, latents["xray"])
+    assert channels.shape == (BATCH, 4 * (CHANNELS + 1), SIZE, SIZE)
+    assert torch.equal(channels[:, 5:9], source) and channels[:, 9].eq(1).all()
+    assert channels[:, :5].eq(0).all() and channels[:, 10:].eq(0).all()
+
+
+def test_source_slots_round_trip_and_errors(single_flow, tmp_path):
+    model = make_slotted_model(single_flow, source_guidance=True)
+    model.save_pretrained(tmp_path)
+    loaded = MedM2GMultiFlowModel.from_pretrained(tmp_path).eval()
+    assert loaded.source_slots_of("mri") == SLOTS["mri"] and loaded.config.source_guidance
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert "mri_t1" in loaded.accepted_sources("ct") and loaded.accepted_sources("text") == []
+
+    latents, timesteps, conditions = joint_inputs()
+    with pytest.raises(ValueError, match=r"accepts image sources"):
+        model({"text": latents["text"]}, timesteps, conditions, sources={"text": {"ct": latents["xray"]}})
+    with pytest.raises(ValueError, match="must be a latent of shape"):
+        model({"xray": latents["xray"]}, timesteps, conditions, sources={"xray": {"ct": latents["xray"][:, :2]}})
+    with pytest.raises(ValueError, match="sources and source_keep keys"):
+        model({"xray": latents["xray"]}, timesteps, conditions, sources={"ct": {}})
+    with pytest.raises(ValueError, match="imaging families"):
+        MedM2GMultiFlowModel.from_single_flow(single_flow, CONTEXT_KWARGS, source_slots={"text": ["ct"]})
+    with pytest.raises(ValueError, match="must take"):
+        MedM2GMultiFlowModel(loaded.config.unet_configs, loaded.config.context_encoder_configs, source_slots={"xray": ["ct", "mri_t1"]})
+
+
+def test_source_guidance_routes_a_clean_source_through_theta_c(single_flow):
+    model = make_slotted_model(single_flow, source_guidance=True)
+    perturb_guidance(model)
+    latents, timesteps, conditions = joint_inputs()
+    source = torch.randn(BATCH, CHANNELS, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        # ct is no slot of the MRI denoiser: with source_guidance it still conditions, through V_ct(z_0) only.
+        base = model({"mri_t2": latents["mri_t2"]}, timesteps, conditions)["mri_t2"]
+        guided = model({"mri_t2": latents["mri_t2"]}, timesteps, conditions, sources={"mri_t2": {"ct": source}})["mri_t2"]
+    assert (guided - base).abs().amax() > 1e-4
+
+
+def test_denoisers_train_whole_when_asked(single_flow):
+    model = make_slotted_model(single_flow)
+    trainable = {id(p) for p in model.trainable_parameters(["ct"], denoisers=["xray"])}
+    assert {id(p) for p in model.unets["xray"].parameters()} <= trainable
+    assert not {id(p) for p in model.unets["mri"].parameters()} & trainable
+    assert {id(p) for p in model.context_encoders["ct"].parameters()} <= trainable

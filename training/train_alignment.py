@@ -55,7 +55,9 @@ from medm2g_diffusers.training_utils import (
     base_argument_parser,
     checkpoint_step,
     load_config,
+    lr_lambda_for,
     resolve_checkpoint,
+    round_at,
     save_checkpoint,
     stage_config,
     step_generator,
@@ -293,13 +295,6 @@ def build_rounds(cfg: dict, pairwise: bool, max_train_steps: int | None) -> list
     return rounds
 
 
-def round_at(rounds: list[dict], step: int) -> dict:
-    for r in rounds:
-        if r["start"] <= step < r["start"] + r["steps"]:
-            return r
-    raise ValueError(f"step {step} is past the schedule ({rounds[-1]['start'] + rounds[-1]['steps']} steps)")
-
-
 def set_trainable(model: MedM2GPromptEncoders, trainable: Sequence[str]) -> None:
     """Freezes every family not in ``trainable``; the temperature always trains (retrieval ranks ignore it)."""
     unknown = [f for f in trainable if f not in model.families]
@@ -309,21 +304,6 @@ def set_trainable(model: MedM2GPromptEncoders, trainable: Sequence[str]) -> None
         for parameter in model.family_parameters(family):
             parameter.requires_grad_(family in trainable)
     model.logit_scale.requires_grad_(True)
-
-
-def lr_lambda_for(rounds: list[dict], warmup_steps: int):
-    """Per round: linear warm-up, then cosine decay to 10%. Restarting per round lets the ct-mri round learn."""
-
-    def factor(step: int) -> float:
-        r = round_at(rounds, min(step, rounds[-1]["start"] + rounds[-1]["steps"] - 1))
-        local, length = step - r["start"], r["steps"]
-        warmup = min(warmup_steps, max(1, length // 10))
-        if local < warmup:
-            return (local + 1) / warmup
-        progress = (local - warmup) / max(1, length - warmup)
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
 
 
 # ------------------------------------------------------------------------------------------- one step

@@ -55,7 +55,9 @@ from medm2g_diffusers.single_flow import (
     encode_image_condition,
     encode_text_condition,
     make_noise_scheduler,
+    make_sampling_scheduler,
     sample_latents,
+    training_target,
 )
 from medm2g_diffusers.training_utils import (
     StepBatchSampler,
@@ -258,7 +260,7 @@ def training_loss(unet, encoded: Encoded, noise_scheduler, cfg: dict[str, Any], 
     noise = torch.randn(latents.shape, generator=generator).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     prediction = unet(noisy, timesteps, **unet_kwargs(unet, encoded)).sample
-    return F.mse_loss(prediction.float(), noise.float())
+    return F.mse_loss(prediction.float(), training_target(noise_scheduler, latents, noise, timesteps).float())
 
 
 @torch.no_grad()
@@ -272,6 +274,7 @@ def log_validation(unet, family: str, val_items: Items, val_encoder: FamilyEncod
     latents = sample_latents(
         unet, encoded.condition, shape, num_inference_steps=cfg["validation_inference_steps"], guidance_scale=cfg["guidance_scale"],
         generator=generator, class_labels=encoded.class_labels if getattr(unet.config, "num_class_embeds", None) else None,
+        scheduler=make_sampling_scheduler(cfg["prediction_type"]),
     )
     out_dir = output_dir / "validation"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -326,7 +329,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     accelerator.register_for_checkpointing(ema)
-    noise_scheduler = make_noise_scheduler()
+    cfg.setdefault("prediction_type", "epsilon")
+    noise_scheduler = make_noise_scheduler(cfg["prediction_type"])
 
     train_items = enumerate_items(dataset["train"], args.family)
     val_items = enumerate_items(dataset["validation"], args.family, allow_empty=True)
@@ -390,7 +394,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if accelerator.is_main_process and start_step < cfg["max_train_steps"]:
         final = accelerator.unwrap_model(unet)
         ema.copy_to(final.parameters())
-        atomic_save_pretrained(final, output_root / f"unet_{args.family}")
+        # The sampling scheduler (and so the prediction type) the denoiser was trained for travels with it.
+        atomic_save_pretrained(final, output_root / f"unet_{args.family}", also=[make_sampling_scheduler(cfg["prediction_type"])])
         result["model"] = str(output_root / f"unet_{args.family}")
     accelerator.end_training()
     return result

@@ -3,8 +3,9 @@ benchmark's single-flow baseline share.
 
 A single flow denoises one family's latents conditioned on the prompt-encoder tokens of another modality:
 report tokens for the image families (text -> X-ray / CT / MRI) and image tokens for the text family
-(image -> report). The noise schedule is the paper's: 1000 steps, linear betas 0.00085-0.012, epsilon
-prediction, ``clip_sample=False``; sampling is DDIM with classifier-free guidance.
+(image -> report). The noise schedule is the paper's: 1000 steps, linear betas 0.00085-0.012,
+``clip_sample=False``; sampling is DDIM with classifier-free guidance. The prediction target is the paper's
+epsilon or, as a config option, v (``prediction_type``; docs/decisions.md says which the tiny model uses and why).
 
 The unconditional ("null") condition is one all-zero token with every other token masked out. It is what
 the 10 % condition dropout trains and what guidance contrasts against, and it has the same shape as any
@@ -25,18 +26,33 @@ NOISE_SCHEDULE = {
     "beta_end": 0.012,
     "beta_schedule": "linear",
     "clip_sample": False,
-    "prediction_type": "epsilon",
 }
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-def make_noise_scheduler() -> DDPMScheduler:
+def _check_prediction_type(prediction_type: str) -> str:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
+    return prediction_type
+
+
+def make_noise_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
     """The training scheduler (adds noise); DDPM with the paper's linear betas."""
-    return DDPMScheduler(**NOISE_SCHEDULE)
+    return DDPMScheduler(**NOISE_SCHEDULE, prediction_type=_check_prediction_type(prediction_type))
 
 
-def make_sampling_scheduler() -> DDIMScheduler:
+def make_sampling_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
     """DDIM with the same betas (Stable Diffusion's ``steps_offset=1``, ``set_alpha_to_one=False``)."""
-    return DDIMScheduler(**NOISE_SCHEDULE, steps_offset=1, set_alpha_to_one=False)
+    return DDIMScheduler(
+        **NOISE_SCHEDULE, prediction_type=_check_prediction_type(prediction_type), steps_offset=1, set_alpha_to_one=False
+    )
+
+
+def training_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the denoiser regresses: the noise (epsilon) or the velocity ``sqrt(a) * noise - sqrt(1 - a) * x0``."""
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    return noise
 
 
 @dataclass

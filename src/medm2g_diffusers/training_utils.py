@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import re
 import shutil
@@ -113,6 +114,32 @@ class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
         return rng.choice(self.num_samples, size=self.batch_size, replace=replace).tolist()
 
 
+# -------------------------------------------------------------------------------------------- rounds
+
+
+def round_at(rounds: list[dict], step: int) -> dict:
+    for r in rounds:
+        if r["start"] <= step < r["start"] + r["steps"]:
+            return r
+    raise ValueError(f"step {step} is past the schedule ({rounds[-1]['start'] + rounds[-1]['steps']} steps)")
+
+
+def lr_lambda_for(rounds: list[dict], warmup_steps: int):
+    """Per round (``{start, steps}`` dicts): linear warm-up, then cosine decay to 10%. Restarting per round lets a
+    later round (ct-mri) learn."""
+
+    def factor(step: int) -> float:
+        r = round_at(rounds, min(step, rounds[-1]["start"] + rounds[-1]["steps"] - 1))
+        local, length = step - r["start"], r["steps"]
+        warmup = min(warmup_steps, max(1, length // 10))
+        if local < warmup:
+            return (local + 1) / warmup
+        progress = (local - warmup) / max(1, length - warmup)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
 # --------------------------------------------------------------------------------------- checkpoints
 
 
@@ -171,12 +198,18 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int | 
     return final
 
 
-def atomic_save_pretrained(model, directory: str | Path, **kwargs) -> None:
-    """``model.save_pretrained`` into a sibling temp folder, then swap it in, so a reader never sees half a model."""
+def atomic_save_pretrained(model, directory: str | Path, also: Sequence[Any] = (), **kwargs) -> None:
+    """``model.save_pretrained`` into a sibling temp folder, then swap it in, so a reader never sees half a model.
+
+    ``also``: objects with ``save_pretrained`` saved into the same folder (e.g. the scheduler a denoiser was
+    trained for, whose ``scheduler_config.json`` sits beside the model's ``config.json``).
+    """
     directory = Path(directory)
     tmp = directory.with_name(f".tmp-{directory.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), **kwargs)
+    for extra in also:
+        extra.save_pretrained(str(tmp))
     old = directory.with_name(f".old-{directory.name}")
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)

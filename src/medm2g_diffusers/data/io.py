@@ -292,10 +292,16 @@ def write_png(path: PathLike, array: Any, *, provenance: dict[str, Any], bit_dep
         raise ValueError(f"bit_depth must be 8 or 16; got {bit_depth}")
     if bit_depth == 16 and values.ndim == 3:
         raise ValueError("bit_depth=16 supports grey images only (Pillow writes RGB PNGs as 8-bit)")
-    record = _provenance_record(provenance)
-
+    info = provenance_pnginfo(provenance)
     dtype = np.uint8 if bit_depth == 8 else np.uint16
     quantised = np.rint(values * (2**bit_depth - 1)).astype(dtype)
+    with _atomic_target(path) as tmp:
+        Image.fromarray(quantised).save(tmp, format="PNG", pnginfo=info)
+
+
+def provenance_pnginfo(provenance: dict[str, Any]) -> PngImagePlugin.PngInfo:
+    """The PNG text chunks :func:`write_png` stores (see there), for any PNG writer."""
+    record = _provenance_record(provenance)
     info = PngImagePlugin.PngInfo()
     for key, value in record.items():
         text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
@@ -304,9 +310,19 @@ def write_png(path: PathLike, array: Any, *, provenance: dict[str, Any], bit_dep
     info.add_itxt(_PROVENANCE_KEY, json.dumps(record, ensure_ascii=False))
     info.add_text("Software", record["generator"])
     info.add_text("Comment", _synthetic_sentence(record))
+    return info
 
-    with _atomic_target(path) as tmp:
-        Image.fromarray(quantised).save(tmp, format="PNG", pnginfo=info)
+
+def tag_synthetic(image: Image.Image, provenance: dict[str, Any]) -> Image.Image:
+    """Marks an in-memory PIL image as synthetic: ``image.info`` holds the provenance record, and a plain
+    ``image.save("x.png")`` writes it as text chunks (Pillow's default ``encoderinfo``), as :func:`write_png` does.
+
+    Returns the same image, for chaining.
+    """
+    record = _provenance_record(provenance)
+    image.info.update({_PROVENANCE_KEY: json.dumps(record, ensure_ascii=False), "Comment": _synthetic_sentence(record)})
+    image.encoderinfo = {"pnginfo": provenance_pnginfo(provenance)}
+    return image
 
 
 def write_dicom(

@@ -17,6 +17,14 @@ One joint denoising step (:meth:`MedM2GMultiFlowModel.forward`) runs every strea
 latent, with its own condition tokens as ``encoder_hidden_states`` and, as guidance, the concatenated
 ``V_B(z_t^B, t_B)`` of every *other* stream B. A never sees its own latent through the guidance path, and a
 stream generated alone gets no guidance at all: it is exactly its single-flow model.
+
+Image -> image conditioning (MRI -> CT, contrast synthesis, CT -> X-ray) enters an imaging denoiser through
+*source slots* (``source_slots``): a fixed list of modalities per family whose clean latents are concatenated
+to the noisy latent, each followed by a presence-mask channel, zero-filled when that source is absent
+(``shared/notes/image-to-image.md``: cross-attention alone learned nothing within a CPU budget). One denoiser
+then serves text -> image (no slot filled), one-source and multi-source synthesis. ``source_guidance=True``
+also (or, with no slots, only) routes each clean source through θ_c as ``V_S(z_0^S, t=0)``, the paper's
+cross-guided route, so both can be measured.
 """
 
 from __future__ import annotations
@@ -73,6 +81,12 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
             only cross-attention layers do, as in IP-Adapter: they already read external tokens, and it keeps
             θ_c at half the layers (the self-attention variant is unmeasured). Layers without θ_c still accept
             the guidance kwargs, silently.
+        source_slots (`dict[str, list[str]]`, *optional*):
+            Imaging family -> modality keys whose clean latents that family's denoiser can take, concatenated to
+            its input in this order, each followed by one presence-mask channel. The denoiser's ``in_channels``
+            must be ``C * (1 + n) + n`` for ``C`` latent channels and ``n`` slots.
+        source_guidance (`bool`, defaults to `False`):
+            Whether clean sources also reach the target through θ_c as ``V_S(z_0^S, t=0)`` tokens.
     """
 
     @register_to_config
@@ -81,6 +95,8 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
         unet_configs: dict[str, dict[str, Any]],
         context_encoder_configs: dict[str, dict[str, Any]],
         apply_to_self_attention: bool = False,
+        source_slots: dict[str, list[str]] | None = None,
+        source_guidance: bool = False,
     ):
         super().__init__()
         if not unet_configs:
@@ -113,6 +129,38 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
             unet_class = MedM2GTextUNet if is_text_family(family) else UNet2DConditionModel
             self.unets[family] = unet_class.from_config(unet_configs[family])
             self._install_processors(self.unets[family])
+        self._check_source_slots(source_slots or {})
+
+    def _check_source_slots(self, source_slots: dict[str, list[str]]) -> None:
+        for family, slots in source_slots.items():
+            if family not in self.unets or is_text_family(family):
+                raise ValueError(f"source_slots keys must be imaging families of this model; got {family!r}")
+            for key in slots:
+                if not get_modality(key, "source_slots").is_image:
+                    raise ValueError(f"source_slots[{family!r}] must list imaging modality keys; got {key!r}")
+            if len(set(slots)) != len(slots):
+                raise ValueError(f"source_slots[{family!r}] lists a modality twice: {slots}")
+            config = self.unets[family].config
+            expected = config.out_channels * (1 + len(slots)) + len(slots)
+            if config.in_channels != expected:
+                raise ValueError(
+                    f"the {family!r} denoiser takes {config.in_channels} input channels; with source slots {slots} it "
+                    f"must take {expected} (latent + {len(slots)} x (latent + mask))"
+                )
+
+    def source_slots_of(self, family: str) -> list[str]:
+        """The modality keys whose clean latents ``family``'s denoiser takes as concatenated sources."""
+        return list((self.config.source_slots or {}).get(family, []))
+
+    def accepted_sources(self, family: str) -> list[str]:
+        """Modality keys a ``family`` target can be conditioned on image-wise (slots, or any imaging family's
+        modality through θ_c when ``source_guidance`` is on)."""
+        keys = self.source_slots_of(family)
+        if self.config.source_guidance and not is_text_family(family):
+            keys += [
+                key for other in self.unets if not is_text_family(other) for key in modalities_of_family(other) if key not in keys
+            ]
+        return keys
 
     def _install_processors(self, unet: nn.Module) -> None:
         """θ_c on cross-attention layers (and on self-attention ones if configured); the guidance-aware stock
@@ -136,6 +184,8 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
         unets: dict[str, nn.Module],
         context_encoder_kwargs: dict[str, Any] | None = None,
         apply_to_self_attention: bool = False,
+        source_slots: dict[str, list[str]] | None = None,
+        source_guidance: bool = False,
     ) -> "MedM2GMultiFlowModel":
         r"""
         Builds the container around trained stage-2 denoisers, copying their weights exactly.
@@ -153,6 +203,11 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
                 ``cross_attention_dim`` defaults to the denoisers' common ``cross_attention_dim`` (the prompt
                 encoders' shared space, so adaptive tokens can be initialised from C_m embeddings).
             apply_to_self_attention (`bool`, defaults to `False`): see the class docstring.
+            source_slots (`dict[str, list[str]]`, *optional*):
+                Family -> source modalities (see the class docstring). The denoiser's first convolution is
+                widened for them with zero weights (as InstructPix2Pix does), so the model still starts exactly
+                at the single-flow one.
+            source_guidance (`bool`, defaults to `False`): see the class docstring.
 
         Returns:
             `MedM2GMultiFlowModel` in float32 on the CPU; move it with ``.to()``.
@@ -172,8 +227,17 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
                 )
             context_encoder_kwargs["cross_attention_dim"] = dims[0]
 
+        source_slots = {family: list(keys) for family, keys in (source_slots or {}).items() if keys}
+        unet_configs = {family: _plain_config(unet) for family, unet in unets.items()}
+        for family, keys in source_slots.items():
+            if family not in unet_configs or is_text_family(family):
+                raise ValueError(f"source_slots keys must be imaging families of unets {list(unets)}; got {family!r}")
+            config = unet_configs[family]
+            if config["in_channels"] != config["out_channels"]:
+                raise ValueError(f"unets[{family!r}] already takes extra input channels; pass a single-flow denoiser")
+            config["in_channels"] = config["out_channels"] * (1 + len(keys)) + len(keys)
         model = cls(
-            unet_configs={family: _plain_config(unet) for family, unet in unets.items()},
+            unet_configs=unet_configs,
             context_encoder_configs={
                 family: {
                     # out_channels is the latent alone, even for a UNet that also takes concatenated sources.
@@ -184,6 +248,8 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
                 for family, unet in unets.items()
             },
             apply_to_self_attention=apply_to_self_attention,
+            source_slots=source_slots,
+            source_guidance=source_guidance,
         )
         for family, unet in unets.items():
             model._load_single_flow(family, unet)
@@ -198,7 +264,14 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
             if isinstance(module, CrossGuidedAttnProcessor2_0)
             for parameter, _ in module.named_parameters()
         }
-        missing, unexpected = target.load_state_dict(unet.state_dict(), strict=False)
+        state = dict(unet.state_dict())
+        conv_in = target.get_submodule("conv_in") if hasattr(target, "conv_in") else None
+        if conv_in is not None and "conv_in.weight" in state and state["conv_in.weight"].shape != conv_in.weight.shape:
+            # Source slots: the latent's channels keep their weights, the new ones start at zero.
+            weight = torch.zeros_like(conv_in.weight)
+            weight[:, : state["conv_in.weight"].shape[1]] = state["conv_in.weight"]
+            state["conv_in.weight"] = weight
+        missing, unexpected = target.load_state_dict(state, strict=False)
         # Only θ_c may be absent from a single-flow state dict; anything else means a different architecture.
         if unexpected or set(missing) - guided:
             raise ValueError(
@@ -218,7 +291,9 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
             if isinstance(module, Attention) and isinstance(module.processor, CrossGuidedAttnProcessor2_0)
         ]
 
-    def trainable_parameters(self, families: str | Iterable[str] | None = None) -> list[nn.Parameter]:
+    def trainable_parameters(
+        self, families: str | Iterable[str] | None = None, denoisers: str | Iterable[str] = ()
+    ) -> list[nn.Parameter]:
         r"""
         Freezes the whole model, then unfreezes and returns what stage 3 trains for ``families``: their context
         encoders V (adaptive tokens f included) and the θ_c projections inside their denoisers.
@@ -227,20 +302,29 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
             families (`str` or iterable of `str`, *optional*):
                 Families whose V and θ_c train (e.g. ``["text", "xray"]`` for the first round, ``["ct"]`` for the
                 text-ct round with text frozen). Defaults to every family of the model.
+            denoisers (`str` or iterable of `str`, *optional*):
+                Families whose whole denoiser also trains: the image -> image rounds, where the widened first
+                convolution must learn to read the source slots.
 
         Returns:
             `list[nn.Parameter]`, the parameters to hand to the optimizer.
         """
-        requested = list(self.unets) if families is None else [families] if isinstance(families, str) else list(families)
-        unknown = [f for f in requested if f not in self.unets]
+        as_list = lambda value: [value] if isinstance(value, str) else list(value)  # noqa: E731
+        requested = list(self.unets) if families is None else as_list(families)
+        denoisers = as_list(denoisers)
+        unknown = [f for f in requested + denoisers if f not in self.unets]
         if unknown:
-            raise ValueError(f"families must be a subset of {list(self.unets)}; got {unknown}")
+            raise ValueError(f"families and denoisers must be subsets of {list(self.unets)}; got {unknown}")
         self.requires_grad_(False)
         parameters = []
-        for family in (f for f in self.unets if f in requested):  # model order, for a stable optimizer state
-            parameters.extend(self.context_encoders[family].parameters())
-            for _, processor in self._cross_guided_layers(family):
-                parameters.extend(processor.parameters())
+        for family in self.unets:  # model order, for a stable optimizer state
+            if family in requested:
+                parameters.extend(self.context_encoders[family].parameters())
+            if family in denoisers:
+                parameters.extend(self.unets[family].parameters())
+            elif family in requested:
+                for _, processor in self._cross_guided_layers(family):
+                    parameters.extend(processor.parameters())
         for parameter in parameters:
             parameter.requires_grad_(True)
         return parameters
@@ -274,6 +358,8 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
         conditions: dict[str, ConditionLike],
         class_labels: dict[str, torch.Tensor] | None = None,
         cross_guidance_scale: float = 1.0,
+        sources: dict[str, dict[str, torch.Tensor]] | None = None,
+        source_keep: dict[str, dict[str, torch.Tensor]] | None = None,
     ) -> dict[str, torch.Tensor]:
         r"""
         One joint denoising step of every stream in ``latents``.
@@ -296,6 +382,13 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
                 key (``"mri_t2"``) it defaults to the registry's ``contrast_index``.
             cross_guidance_scale (`float`, defaults to 1.0):
                 Weight of the guidance branch of every θ_c layer (0 turns the coupling off).
+            sources (`dict[str, dict[str, torch.Tensor]]`, *optional*):
+                Stream key -> {source modality key -> clean scaled latent `(batch, C, H, W)`}: the image -> image
+                conditions of that stream, from :meth:`accepted_sources`. Slots with no source are zero-filled
+                with a zero mask.
+            source_keep (`dict[str, dict[str, torch.Tensor]]`, *optional*):
+                Stream key -> {source key -> `(batch,)` bool}: rows where a given source counts as absent
+                (source dropout in training, and the unconditional branch of guidance). Applies to slots.
 
         Returns:
             `dict[str, torch.Tensor]`: key -> the denoiser's prediction, shaped like that latent.
@@ -314,17 +407,35 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
         if unknown:
             raise ValueError(f"class_labels keys must be keys of latents {list(latents)}; got {unknown}")
 
+        sources, source_keep = sources or {}, source_keep or {}
+        unknown = [key for key in list(sources) + list(source_keep) if key not in latents]
+        if unknown:
+            raise ValueError(f"sources and source_keep keys must be keys of latents {list(latents)}; got {unknown}")
+
         guidance = self.guidance_tokens(latents, timesteps) if len(latents) > 1 else {}
         predictions = {}
         for key, sample in latents.items():
             family = self.family_of(key)
             unet = self.unets[family]
+            stream_sources = sources.get(key, {})
+            accepted = self.accepted_sources(family)
+            refused = [source for source in stream_sources if source not in accepted]
+            if refused:
+                raise ValueError(
+                    f"sources[{key!r}] has {refused}; the {family!r} denoiser of this model accepts image sources {accepted}"
+                )
+            model_input = sample
+            if self.source_slots_of(family):
+                model_input = torch.cat([sample, self.source_input(family, stream_sources, source_keep.get(key), sample)], dim=1)
             tokens, mask = self._unpack_condition(key, conditions[key])
             extra = {}
             labels = self._class_labels(key, family, class_labels.get(key), sample)
             if labels is not None:
                 extra["class_labels"] = labels
             others = [tokens_b for other, tokens_b in guidance.items() if other != key]
+            if self.config.source_guidance:
+                # The paper's route for a clean source: its context tokens at t = 0.
+                others += [self.context_encoders[self.family_of(src)](latent, 0) for src, latent in stream_sources.items()]
             cross_attention_kwargs = None
             if others:
                 cross_attention_kwargs = {
@@ -332,7 +443,7 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
                     "guidance_scale": cross_guidance_scale,
                 }
             predictions[key] = unet(
-                sample,
+                model_input,
                 timesteps[key],
                 encoder_hidden_states=tokens,
                 encoder_attention_mask=mask,
@@ -340,6 +451,40 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
                 **extra,
             ).sample
         return predictions
+
+    def source_input(
+        self,
+        family: str,
+        sources: dict[str, torch.Tensor],
+        keep: dict[str, torch.Tensor] | None,
+        like: torch.Tensor,
+    ) -> torch.Tensor:
+        r"""
+        The source-slot channels of ``family``'s denoiser: for every slot, the clean latent then its presence
+        mask, zero where the source is absent or not kept.
+
+        Returns:
+            `torch.Tensor` of shape `(batch, n_slots * (C + 1), H, W)` for ``like`` of shape `(batch, C, H, W)`.
+        """
+        batch, channels, height, width = like.shape
+        keep = keep or {}
+        parts = []
+        for slot in self.source_slots_of(family):
+            latent = sources.get(slot)
+            present = torch.zeros(batch, 1, 1, 1, dtype=like.dtype, device=like.device)
+            if latent is None:
+                latent = torch.zeros_like(like)
+            else:
+                if latent.shape != like.shape:
+                    raise ValueError(
+                        f"source {slot!r} must be a latent of shape {tuple(like.shape)}, like the target's; got {tuple(latent.shape)}"
+                    )
+                present = present + 1
+                if slot in keep:
+                    present = present * keep[slot].to(device=like.device, dtype=like.dtype).view(batch, 1, 1, 1)
+                latent = latent.to(like.dtype) * present
+            parts += [latent, present.expand(batch, 1, height, width)]
+        return torch.cat(parts, dim=1)
 
     @staticmethod
     def _unpack_condition(key: str, condition: ConditionLike) -> tuple[torch.Tensor, torch.Tensor | None]:

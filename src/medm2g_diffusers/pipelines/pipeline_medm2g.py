@@ -1,0 +1,476 @@
+"""`MedM2GPipeline`: any-to-any generation between reports, X-ray, CT and MRI with one multi-flow model."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any, Union
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import PreTrainedTokenizerBase
+
+from ..data.io import tag_synthetic
+from ..modalities import MODALITIES, from_model_range, get_modality, image_modality_keys, modality_keys, to_model_range
+from ..models.multiflow import MedM2GMultiFlowModel
+from ..models.prompt_encoders import MedM2GPromptEncoders
+from ..models.text_vae import MedM2GTextVAE
+from ..single_flow import Condition
+from .pipeline_output import MedM2GPipelineOutput
+
+ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, Sequence[Union[PIL.Image.Image, np.ndarray, torch.Tensor]]]
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> from medm2g_diffusers import MedM2GPipeline
+
+        >>> pipe = MedM2GPipeline.from_pretrained("checkpoints/medm2g-tiny")
+        >>> out = pipe("Large right pleural effusion. Heart size is normal.", targets=["xray", "ct"], generator=torch.manual_seed(0))
+        >>> out.images["xray"][0].save("xray.png")  # provenance in the PNG's text chunks
+        >>> report = pipe(conditions={"xray": out.images["xray"][0]}, targets=["text"]).text[0]
+        >>> t1 = pipe(conditions={"mri_t2": t2, "mri_pd": pd}, targets=["mri_t1"]).images["mri_t1"][0]
+        ```
+"""
+
+
+class MedM2GPipeline(DiffusionPipeline):
+    r"""
+    MedM2G: text -> image (one or several targets, generated jointly), image -> report, image -> image (MRI ->
+    CT, CT -> X-ray, MRI contrast synthesis from one or several contrasts).
+
+    Conditions are encoded by the aligned prompt encoders (C_m); every target's denoiser attends to the tokens
+    of its conditions, reads clean image sources through its source slots (or through θ_c, per the model's
+    config) and, when several targets are generated together, to V_B(z_t^B) of every other target through θ_c.
+
+    Args:
+        multiflow ([`MedM2GMultiFlowModel`]): the per-family denoisers, context encoders and θ_c.
+        vae ([`AutoencoderKL`]): the image autoencoder shared by the imaging families (1 channel).
+        text_vae ([`MedM2GTextVAE`]): the report autoencoder.
+        prompt_encoders ([`MedM2GPromptEncoders`]): C_m of every family, in the shared space.
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`]): the report tokenizer.
+        scheduler ([`SchedulerMixin`]): DDIM by default; any diffusers scheduler with the same config works
+            (e.g. `DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)`).
+
+    Intensities: NumPy/torch conditions are in native units (CT in Hounsfield units, X-ray in `[0, 1]`, MRI in
+    any signal scale, percentile-scaled per image); PIL conditions are display images (`[0, 255]` or 16-bit ->
+    `[0, 1]`, the CT one being a window of [-1000, 1000] HU as our outputs are).
+    """
+
+    model_cpu_offload_seq = "prompt_encoders->multiflow->vae->text_vae"
+    _callback_tensor_inputs = ["latents"]
+    _optional_components = ["text_vae"]
+
+    def __init__(
+        self,
+        multiflow: MedM2GMultiFlowModel,
+        vae: AutoencoderKL,
+        text_vae: MedM2GTextVAE,
+        prompt_encoders: MedM2GPromptEncoders,
+        tokenizer: PreTrainedTokenizerBase,
+        scheduler: KarrasDiffusionSchedulers,
+    ):
+        super().__init__()
+        self.register_modules(
+            multiflow=multiflow, vae=vae, text_vae=text_vae, prompt_encoders=prompt_encoders, tokenizer=tokenizer, scheduler=scheduler
+        )
+
+    # ------------------------------------------------------------------------------------------ properties
+
+    @property
+    def image_size(self) -> int:
+        """Side of the images this checkpoint's prompt encoders read (conditions must have it)."""
+        return int(self.prompt_encoders.config.sample_size)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def size_multiple(self, target: str) -> int:
+        """Image sides ``target`` can be generated at are multiples of this (VAE and UNet downsampling)."""
+        levels = len(self.multiflow.unets[MODALITIES[target].family].config.block_out_channels)
+        return self.vae_scale_factor * 2 ** (levels - 1)
+
+    def supported_targets(self) -> list[str]:
+        """Modality keys this checkpoint can generate (every modality of a family it has a denoiser for)."""
+        families = set(self.multiflow.unets)
+        if self.text_vae is None:
+            families.discard("text")
+        return [key for key in modality_keys() if MODALITIES[key].family in families]
+
+    def accepted_conditions(self, target: str) -> list[str]:
+        """Modality keys that can condition ``target`` with this checkpoint."""
+        if target == "text":
+            return [key for key in image_modality_keys() if MODALITIES[key].family in self.prompt_encoders.families]
+        return ["text"] + [key for key in self.multiflow.accepted_sources(MODALITIES[target].family) if key != target]
+
+    # --------------------------------------------------------------------------------------------- inputs
+
+    def check_inputs(
+        self,
+        prompt,
+        conditions,
+        targets,
+        negative_prompt,
+        height,
+        width,
+        num_inference_steps,
+        guidance_scale,
+        num_images_per_prompt,
+        output_type,
+        latents,
+        max_text_tokens,
+        callback_on_step_end_tensor_inputs,
+    ) -> None:
+        if isinstance(targets, str) or not isinstance(targets, (list, tuple)) or not targets:
+            raise ValueError(f"targets must be a non-empty list of modality keys from {self.supported_targets()}; got {targets!r}")
+        for target in targets:
+            get_modality(target, "targets")
+            if target not in self.supported_targets():
+                raise ValueError(f"this checkpoint cannot generate {target!r}: targets must be from {self.supported_targets()}")
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"targets must not repeat a modality; got {list(targets)}")
+        conditions = conditions or {}
+        if not isinstance(conditions, dict):
+            raise ValueError(f"conditions must be a dict of modality key -> image; got {type(conditions).__name__}")
+        for key in conditions:
+            if key == "text":
+                raise ValueError("conditions must hold images; pass report text as prompt=")
+            get_modality(key, "conditions keys")
+            if key in targets:
+                raise ValueError(f"{key!r} is both a condition and a target")
+        if prompt is None and not conditions:
+            raise ValueError("pass a prompt, image conditions, or both")
+        if prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+                raise ValueError(f"prompt must be a string or a non-empty list of strings; got {type(prompt).__name__}")
+            if any(not p.strip() for p in prompts):
+                raise ValueError("prompt must not be empty or whitespace: write a report, or pass conditions instead")
+            if "text" in targets:
+                raise ValueError("'text' cannot be a target when a prompt is given (the prompt is the report)")
+            lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+            if max(lengths) > max_text_tokens:
+                raise ValueError(
+                    f"prompt is {max(lengths)} tokens long; at most max_text_tokens={max_text_tokens} fit (shorten the report)"
+                )
+        if negative_prompt is not None and prompt is None:
+            raise ValueError("negative_prompt needs a prompt")
+        given = (["text"] if prompt is not None else []) + list(conditions)
+        for target in targets:
+            refused = [key for key in given if key not in self.accepted_conditions(target)]
+            if refused:
+                raise ValueError(
+                    f"this checkpoint cannot condition {target!r} on {refused}; it accepts {self.accepted_conditions(target)}"
+                )
+        factor = max([self.size_multiple(t) for t in targets if MODALITIES[t].is_image] or [1])
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and (not isinstance(value, int) or value <= 0 or value % factor):
+                raise ValueError(f"{name} must be a positive multiple of {factor}; got {value!r}")
+        if conditions and (height, width) != (self.image_size, self.image_size) and (height or width):
+            raise ValueError(f"with image conditions, height and width must be this checkpoint's {self.image_size}; got {height}x{width}")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer; got {num_inference_steps!r}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer; got {num_images_per_prompt!r}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0; got {guidance_scale}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
+        if latents is not None and (not isinstance(latents, dict) or set(latents) - set(targets)):
+            raise ValueError(f"latents must be a dict keyed by targets {list(targets)}; got {type(latents).__name__}")
+        unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs must be from {self._callback_tensor_inputs}; got {unknown}")
+
+    def preprocess_condition(self, key: str, image: ImageInput) -> torch.Tensor:
+        r"""
+        One condition's images in the model range.
+
+        Args:
+            key (`str`): the condition's modality key.
+            image: a PIL image, an array/tensor `(H, W)`, `(1, H, W)` or `(batch, 1, H, W)` in native units, or a
+                list of those.
+
+        Returns:
+            `torch.Tensor` of shape `(batch, 1, image_size, image_size)` in `[-1, 1]`.
+        """
+        size = self.image_size
+        if isinstance(image, (list, tuple)):
+            if not image:
+                raise ValueError(f"conditions[{key!r}] is an empty list")
+            return torch.cat([self.preprocess_condition(key, item) for item in image])
+        if isinstance(image, PIL.Image.Image):
+            if image.mode == "L":
+                values = np.asarray(image, dtype=np.float32) / 255.0
+            elif image.mode in ("I;16", "I;16B", "I;16L"):
+                values = np.asarray(image, dtype=np.float32) / 65535.0
+            elif image.mode == "F":
+                values = np.asarray(image, dtype=np.float32)
+            else:
+                raise ValueError(
+                    f"conditions[{key!r}] must be a single-channel (greyscale) image; got PIL mode {image.mode!r} "
+                    f"with {len(image.getbands())} channels (convert it with image.convert('L') if it is grey)"
+                )
+            model = torch.from_numpy(np.clip(values, 0.0, 1.0) * 2.0 - 1.0)[None, None]
+        elif isinstance(image, (np.ndarray, torch.Tensor)):
+            tensor = torch.as_tensor(np.asarray(image) if isinstance(image, np.ndarray) else image.detach().cpu()).float()
+            if tensor.ndim == 2:
+                tensor = tensor[None, None]
+            elif tensor.ndim == 3 and tensor.shape[0] == 1:
+                tensor = tensor[None]
+            elif not (tensor.ndim == 4 and tensor.shape[1] == 1):
+                raise ValueError(
+                    f"conditions[{key!r}] must have shape (H, W), (1, H, W) or (batch, 1, H, W) with one channel; "
+                    f"got {tuple(tensor.shape)}"
+                )
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"conditions[{key!r}] has NaN or infinite values")
+            model = to_model_range(tensor, key)
+        else:
+            raise ValueError(f"conditions[{key!r}] must be a PIL image, a NumPy array or a torch tensor; got {type(image).__name__}")
+        if model.shape[-2:] != (size, size):
+            raise ValueError(
+                f"conditions[{key!r}] must be {size}x{size} (this checkpoint's image size); got "
+                f"{model.shape[-2]}x{model.shape[-1]}: resize or crop it first"
+            )
+        return model
+
+    # ----------------------------------------------------------------------------------------- encoding
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: list[str], max_text_tokens: int) -> Condition:
+        """Report tokens of the text prompt encoder: ``(batch, length, embed_dim)`` with their mask."""
+        batch = self.tokenizer(prompt, padding="longest", truncation=True, max_length=max_text_tokens, return_tensors="pt")
+        inputs = {"input_ids": batch["input_ids"].to(self.device), "attention_mask": batch["attention_mask"].to(self.device)}
+        return Condition(self.prompt_encoders.encode("text", inputs).tokens, inputs["attention_mask"])
+
+    @torch.no_grad()
+    def encode_image(self, key: str, images: torch.Tensor) -> tuple[Condition, torch.Tensor]:
+        """An image condition's prompt-encoder tokens and its clean VAE latent (posterior mode, scaled)."""
+        images = images.to(device=self.device, dtype=self.vae.dtype)
+        tokens = self.prompt_encoders.encode(key, images).tokens
+        latent = self.vae.encode(images).latent_dist.mode() * self.vae.config.scaling_factor
+        return Condition(tokens, torch.ones(tokens.shape[:2], dtype=torch.long, device=self.device)), latent
+
+    @staticmethod
+    def _repeat(condition: Condition, times: int) -> Condition:
+        return Condition(condition.tokens.repeat_interleave(times, 0), condition.mask.repeat_interleave(times, 0))
+
+    @staticmethod
+    def _join(parts: list[Condition]) -> Condition:
+        """Concatenates conditions along their tokens (a multi-source condition)."""
+        return Condition(torch.cat([p.tokens for p in parts], 1), torch.cat([p.mask for p in parts], 1))
+
+    # ----------------------------------------------------------------------------------------- latents
+
+    def prepare_latents(self, target: str, batch: int, height: int, width: int, generator, latents: torch.Tensor | None, scheduler):
+        if target == "text":
+            shape = (batch, self.text_vae.config.text_latent_dim, 1, 1)
+        else:
+            shape = (batch, self.vae.config.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.multiflow.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents[{target!r}] must have shape {shape}; got {tuple(latents.shape)}")
+        return latents.to(self.device) * scheduler.init_noise_sigma
+
+    # ------------------------------------------------------------------------------------------- output
+
+    def postprocess_image(self, target: str, images: torch.Tensor, output_type: str, ct_in_hu: bool, provenance: dict[str, Any]):
+        """Model-range images `(batch, 1, H, W)` -> the requested output type."""
+        if output_type in ("np", "pt") and ct_in_hu and MODALITIES[target].family == "ct":
+            values = from_model_range(images.float().cpu(), target)
+        else:
+            values = ((images.float().cpu().clamp(-1, 1) + 1) / 2)
+        if output_type == "pt":
+            return values
+        if output_type == "np":
+            return values[:, 0].numpy()
+        quantised = (values[:, 0].numpy() * 255).round().astype(np.uint8)
+        return [tag_synthetic(PIL.Image.fromarray(image, mode="L"), provenance) for image in quantised]
+
+    # --------------------------------------------------------------------------------------------- call
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        conditions: dict[str, ImageInput] | None = None,
+        targets: Sequence[str] = ("xray",),
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 2.0,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: dict[str, torch.Tensor] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[Any, int, int, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+        max_text_tokens: int = 160,
+        cross_guidance_scale: float = 1.0,
+        ct_in_hu: bool = False,
+        max_new_tokens: int = 160,
+    ):
+        r"""
+        Generates ``targets`` from a report and/or images.
+
+        Args:
+            prompt (`str` or `list[str]`, *optional*): report text (one per sample).
+            conditions (`dict[str, image]`, *optional*): modality key -> condition image(s) (see the class
+                docstring for intensities); several keys make a multi-source condition.
+            targets (`list[str]`): modality keys to generate; several are generated jointly in one loop, each
+                attending to the others.
+            negative_prompt (`str` or `list[str]`, *optional*): replaces the null condition of guidance.
+            height, width (`int`, *optional*): output size; defaults to (and, with image conditions, must be)
+                the checkpoint's image size.
+            num_inference_steps (`int`, defaults to 50), guidance_scale (`float`, defaults to 2.0): DDIM steps and
+                classifier-free guidance weight (1 or less: no unconditional pass).
+            num_images_per_prompt (`int`, defaults to 1): samples per prompt / condition.
+            eta (`float`, defaults to 0.0): DDIM eta (ignored by schedulers without it).
+            generator (`torch.Generator` or a list, one per sample): the randomness.
+            latents (`dict[str, torch.Tensor]`, *optional*): initial noise per target.
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"` or `"latent"`.
+            return_dict (`bool`, defaults to `True`): return a [`MedM2GPipelineOutput`] instead of a tuple.
+            callback_on_step_end (`Callable`, *optional*): ``fn(pipe, step, timestep, callback_kwargs) -> dict``
+                after every step; ``callback_kwargs["latents"]`` is the dict of current latents, and a returned
+                ``"latents"`` replaces it.
+            callback_on_step_end_tensor_inputs (`list[str]`): what the callback receives (``["latents"]``).
+            max_text_tokens (`int`, defaults to 160): longest prompt accepted, in tokens.
+            cross_guidance_scale (`float`, defaults to 1.0): weight of the θ_c coupling between joint targets.
+            ct_in_hu (`bool`, defaults to `False`): return CT in Hounsfield units (``np``/``pt`` outputs).
+            max_new_tokens (`int`, defaults to 160): longest generated report, in tokens.
+
+        Examples:
+
+        Returns:
+            [`MedM2GPipelineOutput`] or `tuple` ``(images, text, provenance)``.
+        """
+        # 0. Inputs; every per-call choice stays local (no pipeline state changes between calls).
+        targets = list(targets) if isinstance(targets, (list, tuple)) else targets
+        self.check_inputs(
+            prompt, conditions, targets, negative_prompt, height, width, num_inference_steps, guidance_scale,
+            num_images_per_prompt, output_type, latents, max_text_tokens, callback_on_step_end_tensor_inputs,
+        )
+        conditions = dict(conditions or {})
+        prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
+        height = height or self.image_size
+        width = width or self.image_size
+
+        # 1. Encode the conditions: report tokens, and each image's tokens plus its clean latent.
+        image_inputs = {key: self.preprocess_condition(key, image) for key, image in conditions.items()}
+        batch_sizes = {len(prompts)} if prompts else set()
+        batch_sizes |= {images.shape[0] for images in image_inputs.values()}
+        if len(batch_sizes) != 1:
+            raise ValueError(f"prompt and conditions must have the same batch size; got {sorted(batch_sizes)}")
+        batch = batch_sizes.pop() * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"generator is a list of {len(generator)}; pass one per sample ({batch})")
+        if negative_prompt is not None:
+            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"negative_prompt must have one entry per prompt ({len(prompts)}); got {len(negatives)}")
+        encoded = {}
+        if prompts:
+            encoded["text"] = self._repeat(self.encode_prompt(prompts, max_text_tokens), num_images_per_prompt)
+        sources = {}
+        for key, images in image_inputs.items():
+            tokens, latent = self.encode_image(key, images)
+            encoded[key], sources[key] = self._repeat(tokens, num_images_per_prompt), latent.repeat_interleave(num_images_per_prompt, 0)
+
+        do_guidance = guidance_scale > 1.0
+        stream_conditions, stream_sources = {}, {}
+        for target in targets:
+            condition = self._join([encoded[key] for key in encoded if key in self.accepted_conditions(target)])
+            if do_guidance:
+                if negative_prompt is not None and "text" in encoded:
+                    negative = self._repeat(self.encode_prompt(negatives, max_text_tokens), num_images_per_prompt)
+                else:
+                    negative = condition.null()
+                condition = Condition.cat([negative, condition])
+            stream_conditions[target] = condition
+            own = {key: latent for key, latent in sources.items() if target != "text" and key in self.multiflow.accepted_sources(MODALITIES[target].family)}
+            stream_sources[target] = {key: torch.cat([latent, latent]) if do_guidance else latent for key, latent in own.items()}
+
+        # 2. One scheduler copy per target (schedulers are stateful), all on the same timesteps.
+        schedulers = {target: copy.deepcopy(self.scheduler) for target in targets}
+        for scheduler in schedulers.values():
+            scheduler.set_timesteps(num_inference_steps, device=self.device)
+        timesteps = schedulers[targets[0]].timesteps
+        extra_step_kwargs = {"eta": eta} if "eta" in self.scheduler.step.__code__.co_varnames else {}
+
+        # 3. Initial noise per target.
+        latents = dict(latents or {})
+        latents = {
+            target: self.prepare_latents(target, batch, height, width, generator, latents.get(target), schedulers[target])
+            for target in targets
+        }
+
+        # 4. The joint loop: every target's denoiser reads its conditions, its sources and V of the others.
+        self._num_timesteps = len(timesteps)
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                model_inputs = {
+                    target: schedulers[target].scale_model_input(torch.cat([z, z]) if do_guidance else z, t)
+                    for target, z in latents.items()
+                }
+                predictions = self.multiflow(
+                    model_inputs,
+                    {target: t for target in targets},
+                    stream_conditions,
+                    cross_guidance_scale=cross_guidance_scale,
+                    sources={target: stream_sources[target] for target in targets if stream_sources[target]},
+                )
+                for target in targets:
+                    prediction = predictions[target]
+                    if do_guidance:
+                        unconditional, conditional = prediction.chunk(2)
+                        prediction = unconditional + guidance_scale * (conditional - unconditional)
+                    latents[target] = schedulers[target].step(prediction, t, latents[target], **extra_step_kwargs).prev_sample
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {}
+                    for name in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[name] = locals()[name]
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                progress_bar.update()
+
+        # 5. Decode and postprocess; every output carries its provenance.
+        images, text, provenance = {}, None, {}
+        seed = generator.initial_seed() if isinstance(generator, torch.Generator) else None
+        for target in targets:
+            provenance[target] = {
+                "model": self.name_or_path or type(self).__name__,
+                "modality": target,
+                "task": f"{'+'.join((['text'] if prompts else []) + list(conditions))} -> {target}",
+                "targets": targets,
+                "prompt": prompts[0][:500] if prompts else None,
+                "num_inference_steps": num_inference_steps,
+                "guidance_scale": guidance_scale,
+                "scheduler": type(self.scheduler).__name__,
+                "seed": seed,
+            }
+            if output_type == "latent":
+                images[target] = latents[target]
+            elif target == "text":
+                text = self.text_vae.decode(
+                    latents[target][:, :, 0, 0] / self.text_vae.config.scaling_factor, self.tokenizer, max_new_tokens=max_new_tokens
+                )
+            else:
+                decoded = self.vae.decode(latents[target].to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+                images[target] = self.postprocess_image(target, decoded, output_type, ct_in_hu, provenance[target])
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, text, provenance
+        return MedM2GPipelineOutput(images=images, text=text, provenance=provenance)

@@ -1,0 +1,174 @@
+"""Tests of `MedM2GPipeline` in the diffusers manner: tiny components built in code, 2 inference steps."""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler
+
+from medm2g_diffusers import MedM2GPipeline, MedM2GPipelineOutput
+from medm2g_diffusers.data.io import read_provenance
+from medm2g_diffusers.data.phantoms import PhantomGenerator
+
+from tiny_pipeline import SIZE, SLOTS, get_dummy_components
+
+PROMPT = "Large right pleural effusion. Heart size is normal."
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return PhantomGenerator(seed=0, size=SIZE).patient(0, anatomy="chest")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipeline = MedM2GPipeline(**get_dummy_components())
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def run(pipe, **kwargs):
+    kwargs.setdefault("num_inference_steps", 2)
+    kwargs.setdefault("generator", torch.Generator().manual_seed(0))
+    return pipe(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------ directions
+
+
+def test_text_to_image_matches_recorded_slice(pipe):
+    out = run(pipe, prompt=PROMPT, targets=["xray"], output_type="np")
+    image = out.images["xray"]
+    assert isinstance(out, MedM2GPipelineOutput) and image.shape == (1, SIZE, SIZE) and out.text is None
+    assert 0.0 <= image.min() and image.max() <= 1.0
+    expected = np.array(RECORDED["text_to_xray"], dtype=np.float32)
+    np.testing.assert_allclose(image[0, 10, 10:16], expected, atol=1e-3)
+
+
+def test_joint_generation_couples_the_targets(pipe):
+    joint = run(pipe, prompt=PROMPT, targets=["xray", "ct", "mri_t1"], output_type="latent")
+    alone = run(pipe, prompt=PROMPT, targets=["xray"], output_type="latent")
+    assert set(joint.images) == {"xray", "ct", "mri_t1"}
+    # Same seed and noise for xray, but in the joint run it also attends to V of the CT and MRI streams.
+    uncoupled = run(pipe, prompt=PROMPT, targets=["xray", "ct", "mri_t1"], output_type="latent", cross_guidance_scale=0.0)
+    assert not torch.allclose(joint.images["xray"], uncoupled.images["xray"])
+    assert torch.allclose(alone.images["xray"], uncoupled.images["xray"], atol=1e-5)
+
+
+def test_image_to_text(pipe, phantom):
+    out = run(pipe, conditions={"xray": phantom.images["xray"]}, targets=["text"], max_new_tokens=8)
+    assert isinstance(out.text, list) and len(out.text) == 1 and isinstance(out.text[0], str)
+    assert out.images == {}
+
+
+def test_image_to_image_directions_use_the_source(pipe, phantom):
+    mri_to_ct = run(pipe, conditions={"mri_t1": phantom.images["mri_t1"]}, targets=["ct"], output_type="np")
+    other = run(pipe, conditions={"mri_t1": np.flipud(phantom.images["mri_t1"]).copy()}, targets=["ct"], output_type="np")
+    assert mri_to_ct.images["ct"].shape == (1, SIZE, SIZE)
+    assert np.abs(mri_to_ct.images["ct"] - other.images["ct"]).max() > 1e-4
+    ct_to_xray = run(pipe, conditions={"ct": phantom.images["ct"]}, targets=["xray"], output_type="pt")
+    assert ct_to_xray.images["xray"].shape == (1, 1, SIZE, SIZE)
+    multi = run(pipe, conditions={"mri_t2": phantom.images["mri_t2"], "mri_pd": phantom.images["mri_pd"]}, targets=["mri_t1"], output_type="np")
+    single = run(pipe, conditions={"mri_t2": phantom.images["mri_t2"]}, targets=["mri_t1"], output_type="np")
+    assert np.abs(multi.images["mri_t1"] - single.images["mri_t1"]).max() > 1e-4
+
+
+def test_ct_in_hu(pipe):
+    display = run(pipe, prompt=PROMPT, targets=["ct"], output_type="np").images["ct"]
+    hu = run(pipe, prompt=PROMPT, targets=["ct"], output_type="np", ct_in_hu=True).images["ct"]
+    np.testing.assert_allclose(hu, display * 2000.0 - 1000.0, atol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------- diffusers API
+
+
+def test_pil_outputs_carry_provenance(pipe, tmp_path):
+    out = run(pipe, prompt=PROMPT, targets=["xray"])
+    image = out.images["xray"][0]
+    assert isinstance(image, PIL.Image.Image) and image.mode == "L" and image.size == (SIZE, SIZE)
+    image.save(tmp_path / "x.png")
+    record = read_provenance(tmp_path / "x.png")
+    assert record["synthetic"] is True and record["modality"] == "xray" and record["task"] == "text -> xray"
+    assert out.provenance["xray"]["prompt"] == PROMPT
+
+
+def test_latent_output_and_tuple_return(pipe):
+    images, text, provenance = run(pipe, prompt=PROMPT, targets=["ct"], output_type="latent", return_dict=False)
+    assert images["ct"].shape == (1, 4, SIZE // 2, SIZE // 2) and text is None and provenance["ct"]["synthetic"] if "synthetic" in provenance["ct"] else True
+
+
+def test_batch_consistency_and_generator_list(pipe):
+    generators = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    batched = run(pipe, prompt=[PROMPT, PROMPT], targets=["xray"], output_type="np", generator=generators)
+    single = run(pipe, prompt=PROMPT, targets=["xray"], output_type="np", generator=torch.Generator().manual_seed(1))
+    assert batched.images["xray"].shape == (2, SIZE, SIZE)
+    np.testing.assert_allclose(batched.images["xray"][1], single.images["xray"][0], atol=1e-4)
+    several = run(pipe, prompt=PROMPT, targets=["xray"], output_type="np", num_images_per_prompt=3)
+    assert several.images["xray"].shape == (3, SIZE, SIZE)
+
+
+def test_callback_sees_and_can_replace_latents(pipe):
+    seen = []
+
+    def callback(pipeline, step, timestep, kwargs):
+        seen.append((step, sorted(kwargs["latents"])))
+        return {"latents": {key: torch.zeros_like(value) for key, value in kwargs["latents"].items()}}
+
+    out = run(pipe, prompt=PROMPT, targets=["xray", "ct"], output_type="latent", callback_on_step_end=callback)
+    assert seen == [(0, ["ct", "xray"]), (1, ["ct", "xray"])]
+    assert torch.count_nonzero(out.images["xray"]) == 0
+
+
+def test_scheduler_is_swappable_and_state_is_per_call(pipe):
+    before = pipe.scheduler.config
+    pipe_dpm = MedM2GPipeline(**{**pipe.components, "scheduler": DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)})
+    pipe_dpm.set_progress_bar_config(disable=True)
+    out = run(pipe_dpm, prompt=PROMPT, targets=["xray"], output_type="np")
+    assert np.isfinite(out.images["xray"]).all()
+    run(pipe, prompt=PROMPT, targets=["ct"], num_inference_steps=3)
+    assert pipe.scheduler.config == before and pipe.scheduler.num_inference_steps is None
+
+
+def test_save_and_load_round_trip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    loaded = MedM2GPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    expected = run(pipe, prompt=PROMPT, targets=["xray", "mri_flair"], output_type="np")
+    got = run(loaded, prompt=PROMPT, targets=["xray", "mri_flair"], output_type="np")
+    for key in expected.images:
+        np.testing.assert_array_equal(got.images[key], expected.images[key])
+    assert loaded.multiflow.source_slots_of("ct") == SLOTS["ct"]
+
+
+# -------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"prompt": PROMPT, "targets": ["pet"]}, r"targets must be one of"),
+        ({"prompt": PROMPT, "targets": "xray"}, r"targets must be a non-empty list"),
+        ({"prompt": PROMPT, "targets": []}, r"targets must be a non-empty list"),
+        ({"prompt": "   ", "targets": ["xray"]}, r"prompt must not be empty"),
+        ({"prompt": "effusion " * 400, "targets": ["xray"]}, r"at most max_text_tokens=160"),
+        ({"targets": ["xray"]}, r"pass a prompt, image conditions, or both"),
+        ({"prompt": PROMPT, "targets": ["text"]}, r"'text' cannot be a target when a prompt"),
+        ({"conditions": {"xray": np.zeros((SIZE, SIZE))}, "targets": ["ct"]}, r"cannot condition 'ct' on \['xray'\]"),
+        ({"conditions": {"ct": np.zeros((64, 64))}, "targets": ["xray"]}, r"must be 32x32"),
+        ({"conditions": {"ct": np.zeros((2, 3, SIZE, SIZE))}, "targets": ["xray"]}, r"with one channel"),
+        ({"conditions": {"ct": PIL.Image.new("RGB", (SIZE, SIZE))}, "targets": ["xray"]}, r"single-channel"),
+        ({"conditions": {"ct": np.full((SIZE, SIZE), np.nan)}, "targets": ["xray"]}, r"NaN"),
+        ({"conditions": {"ct": np.zeros((SIZE, SIZE))}, "targets": ["ct"]}, r"both a condition and a target"),
+        ({"prompt": PROMPT, "targets": ["xray"], "output_type": "dicom"}, r"output_type must be one of"),
+        ({"prompt": PROMPT, "targets": ["xray"], "height": 18}, r"height must be a positive multiple of 4"),
+        ({"prompt": PROMPT, "targets": ["xray"], "callback_on_step_end_tensor_inputs": ["noise"]}, r"callback_on_step_end_tensor_inputs"),
+    ],
+)
+def test_bad_input_is_a_clear_value_error(pipe, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run(pipe, **kwargs)
+
+
+RECORDED = {"text_to_xray": [0.658714, 0.394309, 0.344983, 0.628794, 0.415298, 0.594904]}

@@ -1,0 +1,104 @@
+"""Tests of stage 3 (`training/train_multiflow.py`): rounds, what each round trains, resume, and the saved model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from medm2g_diffusers import MedM2GPipeline
+from medm2g_diffusers.models.multiflow import MedM2GMultiFlowModel
+from medm2g_diffusers.single_flow import Condition
+
+from tiny_workspace import build_workspace
+from training_scripts import load_training_script
+
+train_ldm = load_training_script("train_ldm")
+train_multiflow = load_training_script("train_multiflow")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """The tiny workspace with every family's stage-2 denoiser trained for 2 steps."""
+    tmp, config = build_workspace(tmp_path_factory.mktemp("multiflow"))
+    for family in ("text", "xray", "ct", "mri"):
+        train_ldm.main(["--config", str(config), "--family", family, "--output_dir", str(tmp / f"ldm-{family}"),
+                        "--max_train_steps", "2", "--set", "ldm.validation_steps=100"])
+    return tmp, config
+
+
+def _run(config, output_dir, *extra):
+    return train_multiflow.main(["--config", str(config), "--output_dir", str(output_dir), *extra])
+
+
+def test_rounds_train_and_save_a_loadable_model(workspace):
+    tmp, config = workspace
+    result = _run(config, tmp / "run")
+    assert [r["round"] for r in result["history"]] == ["text_xray"] * 2 + ["ct_mri"] + ["mri_to_ct"] * 2 + ["mri_synthesis"]
+    assert all(np.isfinite(r["loss"]) for r in result["history"])
+    assert {"loss_text", "loss_xray"} <= set(result["history"][0])  # L_cross on both sides of a joint round
+    model = MedM2GMultiFlowModel.from_pretrained(result["model_dir"])
+    assert model.source_slots_of("ct") == ["mri_t1", "mri_t2"] and model.unets["ct"].config.in_channels == 4 * 3 + 2
+    assert (tmp / "out" / "multiflow" / "scheduler_config.json").is_file()
+    validation = json.loads((tmp / "run" / "validation.json").read_text())
+    assert set(validation) == {"text_xray", "ct_mri", "mri_to_ct", "mri_synthesis"}
+    for entry in validation.values():
+        assert np.isfinite(entry["loss"]["with"]["mean"]) and np.isfinite(entry["loss"]["without"]["mean"])
+    for name in validation:
+        assert (tmp / "run" / "rounds" / name / "config.json").is_file()
+    pipe = MedM2GPipeline.from_pretrained(result["pipeline_dir"])
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("Small left pleural effusion.", targets=["xray", "ct"], num_inference_steps=2, output_type="np")
+    assert out.images["xray"].shape == (1, 32, 32) and pipe.scheduler.config.prediction_type == "epsilon"
+
+
+def test_each_round_trains_only_its_parts(workspace):
+    tmp, config = workspace
+    cfg = yaml.safe_load(config.read_text())["multiflow"]
+    unets, prediction_type = train_multiflow.load_single_flow(tmp / "out", cfg["families"])
+    assert prediction_type == "epsilon"
+    model = train_multiflow.build_model(cfg, unets, "concat")
+    rounds = train_multiflow.build_rounds(cfg, None)
+    ids = lambda params: {id(p) for p in params}  # noqa: E731
+    joint = ids(train_multiflow.trainable_for(model, rounds[1]))  # ct-mri with ct frozen
+    assert ids(model.context_encoders["mri"].parameters()) <= joint
+    assert not ids(model.context_encoders["ct"].parameters()) & joint
+    assert not ids(p for n, p in model.unets["mri"].named_parameters() if "processor" not in n) & joint
+    translation = ids(train_multiflow.trainable_for(model, rounds[2]))  # mri -> ct: the whole ct denoiser
+    assert ids(model.unets["ct"].parameters()) <= translation and not ids(model.unets["mri"].parameters()) & translation
+
+
+def test_resume_reproduces_the_next_losses(workspace):
+    tmp, config = workspace
+    full = _run(config, tmp / "full", "--set", "defaults.checkpointing_steps=3")
+    (tmp / "killed").mkdir()
+    shutil.copytree(tmp / "full" / "checkpoint-3", tmp / "killed" / "checkpoint-3")
+    resumed = _run(config, tmp / "killed", "--set", "defaults.checkpointing_steps=3", "--resume_from_checkpoint", "latest")
+    np.testing.assert_allclose([r["loss"] for r in resumed["history"]], [r["loss"] for r in full["history"]][3:], rtol=1e-5)
+
+
+def test_attention_route_trains_v_and_theta_only(workspace):
+    tmp, config = workspace
+    result = _run(config, tmp / "attention", "--image_conditioning", "attention", "--set", "multiflow.model_name=multiflow_attention")
+    model = MedM2GMultiFlowModel.from_pretrained(result["model_dir"])
+    assert model.config.source_guidance and model.source_slots_of("ct") == []
+    assert model.unets["ct"].config.in_channels == 4
+
+
+def test_composite_condition_keeps_a_null_token_for_empty_rows():
+    tokens = torch.ones(2, 3, 4)
+    condition = train_multiflow.composite_condition([(tokens, torch.tensor([[1, 1, 0], [0, 0, 0]])), (tokens[:, :2], torch.tensor([[0, 0], [0, 0]]))])
+    assert isinstance(condition, Condition) and condition.tokens.shape == (2, 5, 4)
+    assert condition.mask.tolist() == [[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]]
+    assert condition.tokens[1].abs().sum() == 0  # the empty row's only unmasked token is zero: the null condition
+
+
+def test_bad_rounds_are_named():
+    with pytest.raises(ValueError, match="kind must be one of"):
+        train_multiflow.build_rounds({"rounds": [{"name": "x", "kind": "other", "steps": 1}]}, None)
+    with pytest.raises(ValueError, match=r"needs \['target'\]"):
+        train_multiflow.build_rounds({"rounds": [{"name": "x", "kind": "translation", "steps": 1}]}, None)
