@@ -39,7 +39,8 @@ from medm2g_diffusers.modalities import from_model_range, get_modality, image_mo
 from medm2g_diffusers.models.prompt_encoders import MedM2GPromptEncoders
 from medm2g_diffusers.models.text_unet import MedM2GTextUNet
 from medm2g_diffusers.models.text_vae import MedM2GTextVAE
-from medm2g_diffusers.single_flow import encode_image_condition, encode_text_condition, make_noise_scheduler, sample_latents
+from medm2g_diffusers.evaluation.denoiser_diagnostics import TIMESTEPS, denoiser_diagnostics
+from medm2g_diffusers.single_flow import encode_image_condition, encode_text_condition, sample_latents, sampling_scheduler_for
 
 ROOT = Path(__file__).resolve().parents[1]
 PATIENT_ID = re.compile(r"^phantom-s(\d+)-(\d+)$")
@@ -56,6 +57,8 @@ def parse_args():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "stages.md"))
     parser.add_argument("--note", default="", help="a paragraph on how the models were trained, put under the title")
+    parser.add_argument("--unet_root", default=None, help="read the unet_<family> folders from here instead of --root")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["vae", "text_vae"], help="parts not to measure again")
     return parser.parse_args()
 
 
@@ -155,7 +158,8 @@ def text_to_image_montage(root: Path, dataset, components, args, path: Path) -> 
         latent_size = unet.config.sample_size
         labels = torch.full((len(rows),), get_modality(key).contrast_index) if unet.config.num_class_embeds else None
         latents = sample_latents(unet, condition, (len(rows), unet.config.in_channels, latent_size, latent_size),
-                                 num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator, class_labels=labels)
+                                 num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator, class_labels=labels,
+                                 scheduler=components[f"scheduler_{family}"])
         images = vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)[:, 0].numpy()
         for sample, image, row in zip(samples, images, rows):
             # X-ray is generated only where a radiograph makes sense (chest reports).
@@ -171,33 +175,23 @@ def text_to_image_montage(root: Path, dataset, components, args, path: Path) -> 
 
 @torch.no_grad()
 def ldm_diagnostics(dataset, components, args, n: int = 32) -> dict[str, dict[str, float]]:
-    """Per image LDM: epsilon-MSE on noised test latents at a few timesteps, and the std of sampled vs real latents.
-
-    An LDM whose sampled latents are far wider than real ones, with a large error at small t, is undertrained.
-    """
-    split, vae, scheduler = dataset["test"], components["vae"], make_noise_scheduler()
+    """Per image LDM: error of the implied clean latent on noised test latents at a few timesteps, and the std
+    of sampled vs real latents (`evaluation.denoiser_diagnostics`). A clean-latent error near the real
+    latents' variance at large t, or sampled latents far wider than real ones, means sampling cannot work."""
+    split, vae = dataset["test"], components["vae"]
     out = {}
     for key in ("xray", "ct", "mri_t1"):
-        unet = components.get(f"unet_{get_modality(key).family}")
+        family = get_modality(key).family
+        unet = components.get(f"unet_{family}")
         if unet is None:
             continue
         images, _ = test_images(split, key, n)
         rows = split.select(np.flatnonzero(~np.asarray(split.data.column(key).is_null().to_numpy(zero_copy_only=False)))[:n].tolist())
         condition = encode_text_condition(components["prompt_encoders"], components["tokenizer"], list(rows["report"]), 160)
         latents = vae.encode(model_range(images, key)).latent_dist.mean * vae.config.scaling_factor
-        labels = {"class_labels": torch.full((len(images),), get_modality(key).contrast_index)} if unet.config.num_class_embeds else {}
-        generator = torch.Generator().manual_seed(args.seed)
-        result = {"real_latent_std": latents.std().item()}
-        for t in (50, 300, 700):
-            noise = torch.randn(latents.shape, generator=generator)
-            timesteps = torch.full((len(images),), t)
-            prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, encoder_hidden_states=condition.tokens,
-                              encoder_attention_mask=condition.mask, **labels).sample
-            result[f"eps_mse_t{t}"] = torch.mean((prediction - noise) ** 2).item()
-        sampled = sample_latents(unet, condition, tuple(latents.shape), num_inference_steps=args.steps, guidance_scale=args.guidance,
-                                 generator=torch.Generator().manual_seed(args.seed), class_labels=labels.get("class_labels"))
-        result["sampled_latent_std"] = sampled.std().item()
-        out[key] = result
+        labels = torch.full((len(images),), get_modality(key).contrast_index) if unet.config.num_class_embeds else None
+        result = denoiser_diagnostics(unet, components[f"scheduler_{family}"], latents, condition, labels, args.seed, args.steps, args.guidance)
+        out[key] = {"prediction_type": components[f"scheduler_{family}"].config.prediction_type, **result}
     return out
 
 
@@ -213,7 +207,8 @@ def image_to_report_samples(dataset, components, args) -> list[dict[str, str]]:
         image = model_range(np.asarray(row[key], np.float32)[None], key)
         condition = encode_image_condition(components["prompt_encoders"], key, image)
         latents = sample_latents(unet, condition, (1, unet.config.in_channels, 1, 1), num_inference_steps=args.steps,
-                                 guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed))
+                                 guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed),
+                                 scheduler=components["scheduler_text"])
         text = text_vae.decode(latents[:, :, 0, 0] / text_vae.config.scaling_factor, tokenizer)[0]
         out.append({"source": key, "real": row["report"], "generated": text})
     return out
@@ -232,13 +227,15 @@ def main():
         "prompt_encoders": MedM2GPromptEncoders.from_pretrained(str(root / "prompt_encoders")).eval(),
     }
     for family, cls in (("xray", UNet2DConditionModel), ("ct", UNet2DConditionModel), ("mri", UNet2DConditionModel), ("text", MedM2GTextUNet)):
-        if (root / f"unet_{family}").is_dir():
-            components[f"unet_{family}"] = cls.from_pretrained(str(root / f"unet_{family}")).eval()
+        path = Path(args.unet_root or root) / f"unet_{family}"
+        if path.is_dir():
+            components[f"unet_{family}"] = cls.from_pretrained(str(path)).eval()
+            components[f"scheduler_{family}"] = sampling_scheduler_for(path)
 
     started = time.perf_counter()
-    vae_results = measure_image_vae(components["vae"], dataset, size, args.max_images)
+    vae_results = {} if "vae" in args.skip else measure_image_vae(components["vae"], dataset, size, args.max_images)
     reports = [r for r in dataset["test"]["report"] if r][: args.max_reports]
-    text_results = measure_text_vae(components["text_vae"], components["tokenizer"], reports)
+    text_results = None if "text_vae" in args.skip else measure_text_vae(components["text_vae"], components["tokenizer"], reports)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     montage_path, montage_reports = text_to_image_montage(root, dataset, components, args, out.with_name(f"{out.stem}_text_to_image.png"))
@@ -258,31 +255,32 @@ def render(results: dict, alignment: dict | None, args) -> str:
     lines = [
         "# Stages 0-2 on the phantom test split",
         "",
-        f"Made by `python scripts/measure_stages.py --root {args.root} --dataset {args.dataset}` "
+        f"Made by `python scripts/measure_stages.py --root {args.root} --dataset {args.dataset}"
+        f"{f' --unet_root {args.unet_root}' if args.unet_root else ''}{' --skip ' + ' '.join(args.skip) if args.skip else ''}` "
         f"({results['machine']}; {results['seconds']:.0f} s). Raw numbers: `stages.json`.",
         "",
         *([args.note, ""] if args.note else []),
-        "## Image VAE reconstruction (model range [-1, 1], `data_range=2`)",
-        "",
-        "| modality | n | PSNR vs noisy | SSIM vs noisy | PSNR vs noiseless | SSIM vs noiseless | noise floor PSNR (noisy vs noiseless) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
+    if results["image_vae"]:
+        lines += ["## Image VAE reconstruction (model range [-1, 1], `data_range=2`)", "",
+                  "| modality | n | PSNR vs noisy | SSIM vs noisy | PSNR vs noiseless | SSIM vs noiseless | noise floor PSNR (noisy vs noiseless) |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
     for key, r in results["image_vae"].items():
         lines.append(f"| {key} | {r['n']} | {r['vs_noisy']['psnr']:.1f} | {r['vs_noisy']['ssim']:.3f} | "
                      f"{r['vs_noiseless']['psnr']:.1f} | {r['vs_noiseless']['ssim']:.3f} | {r['noise_floor']['psnr']:.1f} |")
-    lines += [
-        "",
-        "The noise floor is the PSNR a reconstruction that removed exactly the acquisition noise would score "
-        "against the noisy target; a VAE cannot beat it on the noisy target and should approach it.",
-        "",
-        "## Text VAE reconstruction (greedy decoding of the test reports' latents)",
-        "",
-        f"Exact match {results['text_vae']['exact_match']:.3f}, corpus BLEU-4 {results['text_vae']['bleu4']:.1f} "
-        f"(sacrebleu, n = {results['text_vae']['n']}).",
-        "",
-    ]
-    for ref, dec in results["text_vae"]["examples"]:
-        lines += [f"- real: {ref}", f"  decoded: {dec}"]
+    if results["image_vae"]:
+        lines += ["", "The noise floor is the PSNR a reconstruction that removed exactly the acquisition noise would score "
+                  "against the noisy target; a VAE cannot beat it on the noisy target and should approach it.", ""]
+    if results["text_vae"]:
+        lines += [
+            "## Text VAE reconstruction (greedy decoding of the test reports' latents)",
+            "",
+            f"Exact match {results['text_vae']['exact_match']:.3f}, corpus BLEU-4 {results['text_vae']['bleu4']:.1f} "
+            f"(sacrebleu, n = {results['text_vae']['n']}).",
+            "",
+        ]
+        for ref, dec in results["text_vae"]["examples"]:
+            lines += [f"- real: {ref}", f"  decoded: {dec}"]
     if alignment is not None:
         lines += ["", "## Cross-modal retrieval (alignment stage)", "",
                   "[alignment-1000.md](alignment-1000.md): the 1,000-step central + VI prompt encoders these LDMs are "
@@ -294,11 +292,14 @@ def render(results: dict, alignment: dict | None, args) -> str:
     lines += [f"{i}. {r}" for i, r in enumerate(results["montage_reports"])]
     if results["ldm_diagnostics"]:
         lines += ["", "### Image LDM diagnostics (32 test images each)", "",
-                  "| modality | eps-MSE t=50 | eps-MSE t=300 | eps-MSE t=700 | std of real latents | std of sampled latents |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+                  "Mean squared error of the clean latent each denoiser implies from a noised test latent (comparable "
+                  "across epsilon and v prediction), beside the real latents' variance (the error of always "
+                  "predicting their mean is about that), and the spread of latents sampled from pure noise.", "",
+                  "| modality | prediction | " + " | ".join(f"x0-MSE t={t}" for t in TIMESTEPS) + " | var of real latents | std of real latents | std of sampled latents |",
+                  "| --- | --- | " + " | ".join("---" for _ in TIMESTEPS) + " | --- | --- | --- |"]
         for key, r in results["ldm_diagnostics"].items():
-            lines.append(f"| {key} | {r['eps_mse_t50']:.3f} | {r['eps_mse_t300']:.3f} | {r['eps_mse_t700']:.3f} | "
-                         f"{r['real_latent_std']:.2f} | {r['sampled_latent_std']:.2f} |")
+            lines.append(f"| {key} | {r['prediction_type']} | " + " | ".join(f"{r[f'x0_mse_t{t}']:.3f}" for t in TIMESTEPS)
+                         + f" | {r['real_latent_var']:.2f} | {r['real_latent_std']:.2f} | {r['sampled_latent_std']:.2f} |")
     if results["report_samples"]:
         lines += ["", "## Single-flow image -> report", ""]
         for s in results["report_samples"]:

@@ -48,6 +48,16 @@ def make_sampling_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
     )
 
 
+def sampling_scheduler_for(model_dir) -> DDIMScheduler:
+    """The sampling scheduler a stage-2/3 model was trained for: its saved ``scheduler_config.json``, or the
+    paper's epsilon DDIM for a folder without one (models saved before the prediction type was an option)."""
+    from pathlib import Path
+
+    if (Path(model_dir) / "scheduler_config.json").is_file():
+        return DDIMScheduler.from_pretrained(str(model_dir))
+    return make_sampling_scheduler("epsilon")
+
+
 def training_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """What the denoiser regresses: the noise (epsilon) or the velocity ``sqrt(a) * noise - sqrt(1 - a) * x0``."""
     if noise_scheduler.config.prediction_type == "v_prediction":
