@@ -24,3 +24,5 @@ timed $LAUNCH training/train_alignment.py --config "$CONFIG" --resume_from_check
 for family in xray ct mri text; do
   timed $LAUNCH training/train_ldm.py --config "$CONFIG" --family "$family" --resume_from_checkpoint latest
 done
+# Stage 3: cross-guided multi-flow rounds and image -> image source slots; writes $ROOT/pipeline.
+timed $LAUNCH training/train_multiflow.py --config "$CONFIG" --resume_from_checkpoint latest
