@@ -172,3 +172,25 @@ def test_bad_input_is_a_clear_value_error(pipe, kwargs, match):
 
 
 RECORDED = {"text_to_xray": [0.658714, 0.394309, 0.344983, 0.628794, 0.415298, 0.594904]}
+
+
+def test_push_to_hub_goes_through_huggingface_hub_without_network(pipe, monkeypatch, tmp_path):
+    """The upload is huggingface_hub's `upload_folder` on a folder save_pretrained wrote (both stubbed here)."""
+    import types
+
+    from diffusers.utils import hub_utils
+    from huggingface_hub import ModelCard
+
+    uploaded = {}
+
+    def fake_upload_folder(repo_id, folder_path, **kwargs):
+        uploaded["repo_id"] = repo_id
+        uploaded["files"] = sorted(p.relative_to(folder_path).as_posix() for p in __import__("pathlib").Path(folder_path).rglob("*") if p.is_file())
+
+    monkeypatch.setattr(hub_utils, "create_repo", lambda repo_id, **kwargs: types.SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(hub_utils, "load_or_create_model_card", lambda *args, **kwargs: ModelCard("---\nlicense: apache-2.0\n---\n"))
+    monkeypatch.setattr(hub_utils, "upload_folder", fake_upload_folder)
+    pipe.push_to_hub("someone/medm2g-test")
+    assert uploaded["repo_id"] == "someone/medm2g-test"
+    assert {"model_index.json", "multiflow/config.json", "multiflow/diffusion_pytorch_model.safetensors",
+            "scheduler/scheduler_config.json", "tokenizer/tokenizer.json"} <= set(uploaded["files"])

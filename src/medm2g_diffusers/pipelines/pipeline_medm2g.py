@@ -11,6 +11,7 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedTokenizerBase
 
@@ -28,13 +29,15 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 EXAMPLE_DOC_STRING = """
     Examples:
         ```py
+        >>> import torch
         >>> from medm2g_diffusers import MedM2GPipeline
 
-        >>> pipe = MedM2GPipeline.from_pretrained("checkpoints/medm2g-tiny")
+        >>> pipe = MedM2GPipeline.from_pretrained("runs/tiny/pipeline")  # written by training/train_multiflow.py
         >>> out = pipe("Large right pleural effusion. Heart size is normal.", targets=["xray", "ct"], generator=torch.manual_seed(0))
         >>> out.images["xray"][0].save("xray.png")  # provenance in the PNG's text chunks
         >>> report = pipe(conditions={"xray": out.images["xray"][0]}, targets=["text"]).text[0]
-        >>> t1 = pipe(conditions={"mri_t2": t2, "mri_pd": pd}, targets=["mri_t1"]).images["mri_t1"][0]
+        >>> ct = out.images["ct"][0]
+        >>> xray_from_ct = pipe(conditions={"ct": ct}, targets=["xray"]).images["xray"][0]
         ```
 """
 
@@ -298,6 +301,7 @@ class MedM2GPipeline(DiffusionPipeline):
     # --------------------------------------------------------------------------------------------- call
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         prompt: str | list[str] | None = None,
