@@ -80,7 +80,8 @@ def main():
              f"({time.perf_counter() - started:.0f} s, {torch.get_num_threads()} threads). Raw numbers: `{out.with_suffix('.json').name}`.", "",
              *([args.note, ""] if args.note else []),
              f"{len(rows)} test {key} latents. x0-MSE: mean squared error of the clean latent the denoiser implies from the "
-             "noised latent; predicting the mean of the real latents scores about their variance.", "",
+             "noised latent. An error near the real latents' variance means the denoiser knows nothing at that noise level "
+             "(a constant prediction scores about that), and sampling, which starts at t = 999, cannot work.", "",
              "| model | prediction | " + " | ".join(f"x0-MSE t={t}" for t in TIMESTEPS) + " | var of real latents | std of real | std of sampled |",
              "| --- | --- | " + " | ".join("---" for _ in TIMESTEPS) + " | --- | --- | --- |"]
     for name, r in results.items():
