@@ -57,6 +57,9 @@ def parse_args():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max_text_tokens", type=int, default=160, help="longest report accepted (the LDMs trained on 160)")
     parser.add_argument("--note", default="", help="a paragraph on how the model was trained, put under the title")
+    parser.add_argument("--compare", action="append", default=[], metavar="NAME=PIPELINE_DIR",
+                        help="another pipeline (e.g. the attention-only image conditioning) scored on --compare_tasks beside --model")
+    parser.add_argument("--compare_tasks", nargs="+", default=["MRI -> CT", "MRI (T1+T2+FLAIR) -> CT"])
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "multiflow.md"))
     return parser.parse_args()
 
@@ -96,9 +99,11 @@ def joint_montage(pipe, split, args, path: Path) -> list[dict]:
     return cases
 
 
-def translation_metrics(pipe, split, args) -> dict:
+def translation_metrics(pipe, split, args, tasks: list[str] | None = None) -> dict:
     results = {}
     for name, sources, target in TRANSLATIONS:
+        if tasks is not None and name not in tasks:
+            continue
         if any(key not in pipe.accepted_conditions(target) for key in sources):
             print(f"{name}: this checkpoint cannot condition {target} on {sources}; skipped")
             continue
@@ -173,6 +178,12 @@ def main():
         "reports": report_samples(pipe, split, args),
         "timings": task_timings(pipe, split, args),
     }
+    results["compare"] = {}
+    for item in args.compare:
+        name, path = item.split("=", 1)
+        other = MedM2GPipeline.from_pretrained(path)
+        other.set_progress_bar_config(disable=True)
+        results["compare"][name] = {"model": path, "translation": translation_metrics(other, split, args, args.compare_tasks)}
     validation = Path(args.training_dir) / "validation.json"
     results["rounds"] = json.loads(validation.read_text()) if validation.is_file() else {}
     results["seconds"] = time.perf_counter() - started
@@ -185,7 +196,8 @@ def main():
 def render(results: dict, args, montage_name: str) -> str:
     lines = [
         "# Multi-flow model and pipeline on the phantom test split", "",
-        f"Made by `python scripts/measure_multiflow.py --model {args.model} --dataset {args.dataset}` "
+        f"Made by `python scripts/measure_multiflow.py --model {args.model} --dataset {args.dataset}"
+        f"{''.join(' --compare ' + c for c in args.compare)}` "
         f"({results['machine']}; {results['seconds']:.0f} s). Raw numbers: `{Path(args.out).with_suffix('.json').name}`.", "",
         *([args.note, ""] if args.note else []),
         "## Joint text -> {X-ray, CT, MRI}", "",
@@ -203,6 +215,17 @@ def render(results: dict, args, montage_name: str) -> str:
     for name, r in results["translation"].items():
         lines.append(f"| {name} | {r['n']} | {r['model']['psnr']:.2f} | {r['model']['ssim']:.3f} | "
                      f"{r['copy_source']['psnr']:.2f} | {r['copy_source']['ssim']:.3f} | {r['seconds']:.1f} |")
+    if results["compare"]:
+        lines += ["", "### Image conditioning: source slots vs. the cross-guided route alone", "",
+                  f"`{args.model}` (source slots, concatenated) beside the pipelines below, on the same tasks, patients and seed.", "",
+                  "| model | task | PSNR | SSIM |", "| --- | --- | --- | --- |"]
+        for name in args.compare_tasks:
+            if name in results["translation"]:
+                r = results["translation"][name]["model"]
+                lines.append(f"| {args.model} | {name} | {r['psnr']:.2f} | {r['ssim']:.3f} |")
+        for label, entry in results["compare"].items():
+            for name, r in entry["translation"].items():
+                lines.append(f"| {label} ({entry['model']}) | {name} | {r['model']['psnr']:.2f} | {r['model']['ssim']:.3f} |")
     lines += ["", "## Image -> report", ""]
     for s in results["reports"]:
         lines += [f"- from {s['source']}: **real** {s['real']}", f"  **generated** {s['generated']}"]
