@@ -50,7 +50,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="runs/tiny/pipeline", help="a MedM2GPipeline folder")
     parser.add_argument("--dataset", default="runs/tiny/phantoms")
-    parser.add_argument("--training_dir", default="runs/tiny/multiflow", help="train_multiflow's output_dir (validation.json)")
+    parser.add_argument("--training_dir", default="runs/tiny/multiflow_training", help="train_multiflow's output_dir (validation.json)")
     parser.add_argument("--n", type=int, default=48, help="test patients per image -> image task")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=2.0)

@@ -102,3 +102,10 @@ def test_bad_rounds_are_named():
         train_multiflow.build_rounds({"rounds": [{"name": "x", "kind": "other", "steps": 1}]}, None)
     with pytest.raises(ValueError, match=r"needs \['target'\]"):
         train_multiflow.build_rounds({"rounds": [{"name": "x", "kind": "translation", "steps": 1}]}, None)
+
+
+def test_output_dir_inside_a_folder_the_final_save_replaces_is_refused(workspace):
+    tmp, config = workspace
+    for folder in ("multiflow", "pipeline"):
+        with pytest.raises(ValueError, match="must not be"):
+            _run(config, tmp / "out" / folder)

@@ -52,6 +52,7 @@ from medm2g_diffusers.tokenizer import train_report_tokenizer
 from medm2g_diffusers.training_utils import (
     StepBatchSampler,
     atomic_save_pretrained,
+    atomic_write_text,
     base_argument_parser,
     checkpoint_step,
     load_config,
@@ -634,7 +635,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "step": global_step,
                 "metrics": log_validation(model, validation_data, tokenizer, cfg, accelerator, global_step, round_["name"]),
             }
-            validation_path.write_text(json.dumps(validation, indent=2))
+            atomic_write_text(validation_path, json.dumps(validation, indent=2))
     progress.close()
 
     save_checkpoint(accelerator, output_dir, global_step, keep=cfg.get("checkpoints_total_limit"))

@@ -46,6 +46,7 @@ from medm2g_diffusers.models.text_vae import MedM2GTextVAE
 from medm2g_diffusers.tokenizer import load_report_corpus, train_report_tokenizer
 from medm2g_diffusers.training_utils import (
     atomic_save_pretrained,
+    atomic_write_text,
     base_argument_parser,
     checkpoint_step,
     images_to_model_range,
@@ -218,7 +219,7 @@ def log_validation(
     else:
         raise ValueError(f"component must be 'vae' or 'text_vae'; got {component!r}")
     model.train(was_training)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 

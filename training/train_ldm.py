@@ -62,6 +62,7 @@ from medm2g_diffusers.single_flow import (
 from medm2g_diffusers.training_utils import (
     StepBatchSampler,
     atomic_save_pretrained,
+    atomic_write_text,
     base_argument_parser,
     checkpoint_step,
     load_config,
@@ -283,7 +284,7 @@ def log_validation(unet, family: str, val_items: Items, val_encoder: FamilyEncod
         text_vae = components["text_vae"]
         generated = text_vae.decode(latents[:, :, 0, 0] / text_vae.config.scaling_factor, components["tokenizer"])
         lines = [f"[{val_items.keys[i]}] real: {val_encoder.reports[r]}\n  generated: {g}\n" for i, r, g in zip(idx, rows, generated)]
-        (out_dir / f"step-{step}.txt").write_text("\n".join(lines))
+        atomic_write_text(out_dir / f"step-{step}.txt", "\n".join(lines))
         unet.train()
         return {"step": step, "samples": generated}
     vae = components["vae"]

@@ -23,7 +23,7 @@ the rounds of the config's ``multiflow.rounds`` in order. Two kinds of round:
 Frozen encoders run once over the training split before the first step (latent and token cache). Every
 step's batch, contrast, dropouts, timesteps and noise are pure functions of ``(seed, step)``, so
 ``--resume_from_checkpoint latest`` reproduces an uninterrupted run. At the end of each round the model is
-saved under ``<output_dir>/rounds/<name>`` with validation losses (with vs. without the partner / sources) in
+saved under ``<output_dir>/rounds/<name>`` (default ``<output_root>/multiflow_training``) with validation losses (with vs. without the partner / sources) in
 ``<output_dir>/validation.json``; the final model goes to ``<output_root>/multiflow`` with the sampling
 scheduler it was trained for, and the whole :class:`MedM2GPipeline` (with the stage-0/1 components) to
 ``<output_root>/pipeline``. Run:
@@ -60,6 +60,7 @@ from medm2g_diffusers.single_flow import Condition, make_noise_scheduler, make_s
 from medm2g_diffusers.training_utils import (
     StepBatchSampler,
     atomic_save_pretrained,
+    atomic_write_text,
     base_argument_parser,
     checkpoint_step,
     load_config,
@@ -447,9 +448,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"multiflow.image_conditioning must be one of {IMAGE_CONDITIONING}; got {image_conditioning!r}")
     seed = args.seed if args.seed is not None else int(cfg.get("seed", 0))
     output_root = Path(config.get("output_root", "runs/tiny"))
-    output_dir = Path(args.output_dir) if args.output_dir else output_root / SECTION
     model_dir = output_root / str(cfg.get("model_name", "multiflow"))
     pipeline_dir = output_root / str(cfg.get("pipeline_name", "pipeline"))
+    output_dir = Path(args.output_dir) if args.output_dir else output_root / f"{model_dir.name}_training"
+    for name, path in (("model", model_dir), ("pipeline", pipeline_dir)):
+        # The final save replaces that folder whole: checkpoints and logs inside it would be lost.
+        if output_dir.resolve() == path.resolve() or path.resolve() in output_dir.resolve().parents:
+            raise ValueError(f"--output_dir {output_dir} must not be (inside) the {name} folder {path}, which the final save replaces")
 
     accelerator = Accelerator(
         mixed_precision=cfg.get("mixed_precision", "no"),
@@ -546,7 +551,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "loss": validation_losses(unwrapped, validation_data, round_, cfg, noise_scheduler, seed, device),
             }
             unwrapped.train()
-            validation_path.write_text(json.dumps(validation, indent=2))
+            atomic_write_text(validation_path, json.dumps(validation, indent=2))
             atomic_save_pretrained(unwrapped, output_dir / "rounds" / round_["name"])
             logger.info("round %s: %s", round_["name"], validation[round_["name"]])
     progress.close()

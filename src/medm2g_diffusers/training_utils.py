@@ -198,6 +198,14 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int | 
     return final
 
 
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Writes a text file through a sibling temp file and a rename, so a reader never sees half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def atomic_save_pretrained(model, directory: str | Path, also: Sequence[Any] = (), **kwargs) -> None:
     """``model.save_pretrained`` into a sibling temp folder, then swap it in, so a reader never sees half a model.
 
