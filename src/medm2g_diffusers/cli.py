@@ -45,13 +45,13 @@ FORMAT_SUFFIX = {"png": ".png", "dicom": ".dcm", "nifti": ".nii.gz"}
 
 def load_condition(key: str, path: str, size: int, png_ct_window: tuple[float, float]) -> np.ndarray:
     """A condition file in the registry's native units at the model's size (resizing is reported, not silent)."""
-    from .data.datasets import _native_units, to_square
+    from .data.datasets import native_units, to_square
     from .data.io import read_image
     from .modalities import get_modality
 
     get_modality(key, "--condition modality")
     image = read_image(path)
-    array = _native_units(image, key, png_ct_window)
+    array = native_units(image, key, png_ct_window)
     if array.shape != (size, size):
         print(f"medm2g generate: resizing {key} {path} from {array.shape[0]}x{array.shape[1]} to {size}x{size} (padded to square)")
         array = to_square(array, size)

@@ -15,6 +15,7 @@ real condition, so conditional and unconditional run in one batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
@@ -51,8 +52,6 @@ def make_sampling_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
 def sampling_scheduler_for(model_dir) -> DDIMScheduler:
     """The sampling scheduler a stage-2/3 model was trained for: its saved ``scheduler_config.json``, or the
     paper's epsilon DDIM for a folder without one (models saved before the prediction type was an option)."""
-    from pathlib import Path
-
     if (Path(model_dir) / "scheduler_config.json").is_file():
         return DDIMScheduler.from_pretrained(str(model_dir))
     return make_sampling_scheduler("epsilon")

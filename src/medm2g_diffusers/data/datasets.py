@@ -196,7 +196,7 @@ def to_square(array: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(padded, mode="F").resize((size, size), Image.BILINEAR), dtype=np.float32)
 
 
-def _native_units(image, key: str, png_ct_window: tuple[float, float]) -> np.ndarray:
+def native_units(image, key: str, png_ct_window: tuple[float, float]) -> np.ndarray:
     """Brings a loaded image into the registry's native units for ``key``."""
     array = image.array
     if key == "ct" and image.units == "unit":
@@ -281,7 +281,7 @@ def prepare_dataset(
             image = read_image(path)
             if key in row:
                 raise ValueError(f"sample {sample_id!r} has two {key} images (second: {path})")
-            row[key] = to_square(_native_units(image, key, png_ct_window), size)
+            row[key] = to_square(native_units(image, key, png_ct_window), size)
         if report:
             row["report"] = report
     if not samples:

@@ -392,15 +392,14 @@ class MedM2GPipeline(DiffusionPipeline):
             encoded[key], sources[key] = self._repeat(tokens, num_images_per_prompt), latent.repeat_interleave(num_images_per_prompt, 0)
 
         do_guidance = guidance_scale > 1.0
+        negative = None
+        if do_guidance and negative_prompt is not None:
+            negative = self._repeat(self.encode_prompt(negatives, max_text_tokens), num_images_per_prompt)
         stream_conditions, stream_sources = {}, {}
         for target in targets:
             condition = self._join([encoded[key] for key in encoded if key in self.accepted_conditions(target)])
             if do_guidance:
-                if negative_prompt is not None and "text" in encoded:
-                    negative = self._repeat(self.encode_prompt(negatives, max_text_tokens), num_images_per_prompt)
-                else:
-                    negative = condition.null()
-                condition = Condition.cat([negative, condition])
+                condition = Condition.cat([negative if negative is not None else condition.null(), condition])
             stream_conditions[target] = condition
             own = {key: latent for key, latent in sources.items() if target != "text" and key in self.multiflow.accepted_sources(MODALITIES[target].family)}
             stream_sources[target] = {key: torch.cat([latent, latent]) if do_guidance else latent for key, latent in own.items()}
