@@ -130,6 +130,6 @@ def test_generate_errors_are_one_line(tiny_pipeline_dir, tmp_path, capsys):
     assert main(["generate", "--model", str(tiny_pipeline_dir), "--targets", "pet", "--prompt", "x", "--out", str(tmp_path)]) == 2
     assert "targets must be one of" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "missing"), "--targets", "xray", "--prompt", "x"]) == 2
-    assert "is not a folder" in capsys.readouterr().err
+    assert "--model must be a bundled checkpoint" in capsys.readouterr().err
     assert main(["generate", "--model", str(tiny_pipeline_dir), "--targets", "ct", "--condition", f"xray={tmp_path / 'none.png'}"]) == 2
     assert "none.png" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .checkpoints import DEFAULT_CHECKPOINT
 
 
 def _positive_int(text: str) -> int:
@@ -39,7 +40,6 @@ def _window(text: str) -> tuple[float, float]:
     return low, high
 
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "checkpoints" / "medm2g-tiny"
 FORMAT_SUFFIX = {"png": ".png", "dicom": ".dcm", "nifti": ".nii.gz"}
 
 
@@ -58,6 +58,20 @@ def load_condition(key: str, path: str, size: int, png_ct_window: tuple[float, f
     return array
 
 
+def load_pipeline(model: str):
+    """The pipeline a command's --model names: a bundled checkpoint's name or a local folder."""
+    from .checkpoints import BUNDLED_CHECKPOINTS, resolve_checkpoint
+    from .pipelines import MedM2GPipeline
+
+    if model not in BUNDLED_CHECKPOINTS and not Path(model).is_dir():
+        raise FileNotFoundError(
+            f"--model must be a bundled checkpoint {sorted(BUNDLED_CHECKPOINTS)} or a folder written by "
+            f"training/train_multiflow.py; got {model!r}"
+        )
+    resolve_checkpoint(model)  # a clear error when the bundled folder is missing
+    return MedM2GPipeline.from_pretrained(model)
+
+
 def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
     tmp.write_text(text)
@@ -70,14 +84,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .data.io import write_dicom, write_nifti, write_png
-    from .pipelines import MedM2GPipeline
 
-    model = Path(args.model) if args.model else DEFAULT_MODEL
-    if not args.model and not model.is_dir():
-        raise FileNotFoundError(f"no bundled checkpoint at {model}; pass --model DIR (a folder written by training/train_multiflow.py)")
-    if not model.is_dir():
-        raise FileNotFoundError(f"--model {model} is not a folder")
-    pipe = MedM2GPipeline.from_pretrained(str(model))
+    pipe = load_pipeline(args.model)
     conditions = {
         key: load_condition(key, path, pipe.image_size, args.png_ct_window) for key, path in (args.condition or [])
     }
@@ -182,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (default 2.0)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--num-images", type=_positive_int, default=1, help="samples per prompt (default 1)")
-    p.add_argument("--model", default=None, help="pipeline folder (default: the bundled medm2g-tiny checkpoint)")
+    p.add_argument("--model", default=DEFAULT_CHECKPOINT, help="a bundled checkpoint name or a pipeline folder (default: %(default)s, bundled)")
     p.add_argument("--png-ct-window", type=_window, default=(-1000.0, 1000.0), help="HU window an 8-bit CT PNG condition stands for")
     p.set_defaults(func=cmd_generate)
 

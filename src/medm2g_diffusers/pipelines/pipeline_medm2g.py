@@ -15,6 +15,7 @@ from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedTokenizerBase
 
+from ..checkpoints import resolve_checkpoint
 from ..data.io import tag_synthetic
 from ..modalities import MODALITIES, from_model_range, get_modality, image_modality_keys, modality_keys, to_model_range
 from ..models.multiflow import MedM2GMultiFlowModel
@@ -32,7 +33,7 @@ EXAMPLE_DOC_STRING = """
         >>> import torch
         >>> from medm2g_diffusers import MedM2GPipeline
 
-        >>> pipe = MedM2GPipeline.from_pretrained("runs/tiny/pipeline")  # written by training/train_multiflow.py
+        >>> pipe = MedM2GPipeline.from_pretrained("medm2g-tiny")  # bundled; or a folder from train_multiflow.py
         >>> out = pipe("Large right pleural effusion. Heart size is normal.", targets=["xray", "ct"], generator=torch.manual_seed(0))
         >>> out.images["xray"][0].save("xray.png")  # provenance in the PNG's text chunks
         >>> report = pipe(conditions={"xray": out.images["xray"][0]}, targets=["text"]).text[0]
@@ -66,6 +67,20 @@ class MedM2GPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "prompt_encoders->multiflow->vae->text_vae"
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        r"""
+        [`DiffusionPipeline.from_pretrained`], plus the names of the checkpoints bundled with the repository:
+        `MedM2GPipeline.from_pretrained("medm2g-tiny")` loads `checkpoints/medm2g-tiny` offline. Its weights
+        are stored in fp16 and load as fp32 unless `torch_dtype` says otherwise.
+        """
+        path = resolve_checkpoint(pretrained_model_name_or_path)
+        pipe = super().from_pretrained(path, **kwargs)
+        if path != pretrained_model_name_or_path:
+            # Provenance names the model as the user did ("medm2g-tiny"), not a local folder.
+            pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+        return pipe
     _callback_tensor_inputs = ["latents"]
     _optional_components = ["text_vae"]
 
