@@ -233,3 +233,27 @@ def test_prepare_real_covid_xrays_with_notes():
     assert sum(row["report"] is not None for row in rows) > 300
     ids = {name: set(split["patient_id"]) for name, split in ds.items()}
     assert not ids["train"] & ids["test"]
+
+
+def test_build_phantom_split_matches_the_full_dataset():
+    from medm2g_diffusers.data.datasets import build_phantom_split
+
+    full = build_phantom_dataset(30, seed=3, size=32)
+    test = build_phantom_split(30, "test", seed=3, size=32)
+    assert test["patient_id"] == full["test"]["patient_id"] and test["report"] == full["test"]["report"]
+    np.testing.assert_array_equal(np.asarray(test["ct"][0]), np.asarray(full["test"]["ct"][0]))
+    assert build_phantom_split(30, "train", seed=3, size=32, limit=2)["patient_id"] == full["train"]["patient_id"][:2]
+    with pytest.raises(ValueError, match="split must be one of"):
+        build_phantom_split(30, "holdout")
+
+
+def test_has_image_honours_a_selected_view():
+    from medm2g_diffusers.data.datasets import has_image
+
+    split = build_phantom_dataset(20, seed=0, size=32)["train"]
+    chest = [i for i, a in enumerate(split["anatomy"]) if a == "chest"]
+    head = [i for i, a in enumerate(split["anatomy"]) if a == "head"]
+    view = split.select(head + chest[:1])  # the underlying table still has every row
+    assert has_image(view, "xray").tolist() == [False] * len(head) + [True]
+    with pytest.raises(ValueError, match="no column 'pet'"):
+        has_image(view, "pet")

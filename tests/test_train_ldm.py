@@ -78,6 +78,9 @@ def test_item_enumeration_per_family(workspace):
     assert len(train_ldm.enumerate_items(split, "mri")) == 4 * split.num_rows
     # text: one item per present imaging modality (chest: xray + ct + 4 MRI; head: ct + 4 MRI)
     assert len(train_ldm.enumerate_items(split, "text")) == 6 * chest + 5 * (split.num_rows - chest)
+    # prompt encoders for text + xray only (the ablation): the text LDM is conditioned on X-rays alone
+    only_xray = train_ldm.enumerate_items(split, "text", condition_families=["text", "xray"])
+    assert len(only_xray) == chest and set(only_xray.keys) == {"xray"}
 
 
 def test_condition_drop_and_null():

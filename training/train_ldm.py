@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,8 +105,13 @@ class Items:
         return len(self.rows)
 
 
-def enumerate_items(split, family: str, allow_empty: bool = False) -> Items:
-    keys = image_modality_keys() if family == "text" else modalities_of_family(family)
+def enumerate_items(split, family: str, allow_empty: bool = False, condition_families: Sequence[str] | None = None) -> Items:
+    """(row, modality) items of ``family``; for text, one item per image that conditions it -- every image
+    modality whose family is in ``condition_families`` (the prompt encoders' families; default: all)."""
+    if family == "text":
+        keys = [k for k in image_modality_keys() if condition_families is None or get_modality(k).family in condition_families]
+    else:
+        keys = modalities_of_family(family)
     table = split.data
     rows, item_keys = [], []
     present = {key: ~np.asarray(table.column(key).is_null().to_numpy(zero_copy_only=False)) for key in keys}
@@ -333,8 +339,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg.setdefault("prediction_type", "epsilon")
     noise_scheduler = make_noise_scheduler(cfg["prediction_type"])
 
-    train_items = enumerate_items(dataset["train"], args.family)
-    val_items = enumerate_items(dataset["validation"], args.family, allow_empty=True)
+    encoded_families = components["prompt_encoders"].families
+    train_items = enumerate_items(dataset["train"], args.family, condition_families=encoded_families)
+    val_items = enumerate_items(dataset["validation"], args.family, allow_empty=True, condition_families=encoded_families)
     if not len(val_items):
         logger.warning("the validation split has no %s items: validation samples are skipped", args.family)
     train_encoder = FamilyEncoder(args.family, dataset["train"], components, cfg["max_text_tokens"], device)

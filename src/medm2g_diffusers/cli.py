@@ -172,6 +172,40 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from .evaluation.benchmark import BenchmarkConfig, run_benchmark, save_results
+    from .evaluation.benchmark_tables import markdown_tables
+    from .training_utils import atomic_write_text
+
+    cfg = BenchmarkConfig.quick() if args.quick else BenchmarkConfig()
+    overrides = {"num_inference_steps": args.steps, "seed": args.seed, "fid": False if args.no_fid else None,
+                 "text_to_image_targets": tuple(args.text_to_image_targets) if args.text_to_image_targets else None}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = load_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    baselines = {}
+    for name, folder in args.baseline or []:
+        baselines[name] = load_pipeline(folder)
+        baselines[name].set_progress_bar_config(disable=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = run_benchmark(pipe, Path(args.model).name, cfg, data=args.data, baselines=baselines,
+                            classifier_cache=args.classifiers or out / "finding_classifiers", tasks=args.tasks)
+    results["arguments"] = {k: v for k, v in vars(args).items() if k != "func"}
+    save_results(results, out / "benchmark.json")
+    tables = markdown_tables(results)
+    atomic_write_text(out / "benchmark.md", tables)
+    print(tables)
+    print(f"wrote {out / 'benchmark.json'} and {out / 'benchmark.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medm2g", description="MedM2G medical any-to-any generation.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -193,6 +227,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_CHECKPOINT, help="a bundled checkpoint name or a pipeline folder (default: %(default)s, bundled)")
     p.add_argument("--png-ct-window", type=_window, default=(-1000.0, 1000.0), help="HU window an 8-bit CT PNG condition stands for")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("evaluate", help="the benchmark: report, text -> image, image -> image, joint, augmentation tables")
+    p.add_argument("--model", default=DEFAULT_CHECKPOINT, help="a bundled checkpoint name or a pipeline folder (default: %(default)s)")
+    p.add_argument("--baseline", type=_key_value, action="append", metavar="NAME=DIR",
+                   help="another pipeline scored on every task it supports, e.g. single_flow=runs/tiny/pipeline_single_flow (repeatable)")
+    p.add_argument("--data", default=None, help="a dataset folder (default: rebuild the held-out split of the 4,000 seed-0 phantoms)")
+    p.add_argument("--out", default="outputs/evaluate", help="where benchmark.json, benchmark.md and the classifiers go")
+    p.add_argument("--classifiers", default=None, help="finding-classifier folder to reuse (default: OUT/finding_classifiers)")
+    p.add_argument("--quick", action="store_true", help="a tiny run (a few samples, 3 steps, no FID): checks the machinery, not the model")
+    p.add_argument("--steps", type=_positive_int, default=None, help="inference steps (default 50; --quick: 3)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default 0)")
+    p.add_argument("--no-fid", action="store_true", help="skip FID (it loads an 87 MB Inception network)")
+    p.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
+                   help="a subset of: report_generation text_to_image image_to_image joint augmentation (default: all)")
+    p.add_argument("--text-to-image-targets", nargs="+", default=None, metavar="KEY", help="default: xray ct mri_t1 mri_t2")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's choice)")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("phantoms", help="write a synthetic dataset of virtual patients (HF save_to_disk) and a preview")
     p.add_argument("--n", type=_positive_int, default=200, help="number of patients (default 200)")

@@ -118,6 +118,52 @@ def build_phantom_dataset(
     return _dataset_dict(rows, size, seed, fractions)
 
 
+def build_phantom_split(
+    n: int,
+    split: str,
+    seed: int = 0,
+    size: int = 64,
+    limit: int | None = None,
+    fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
+) -> Dataset:
+    """One split of :func:`build_phantom_dataset` ``(n, seed, size)``, rendering only that split's patients.
+
+    Splits depend only on patient ids, so the benchmark can rebuild the held-out test split of the data a
+    model was trained on without rendering the other 90 % of it. ``limit`` keeps the first ``limit`` patients
+    of the split (in index order).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}; got {split!r}")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n must be a positive integer; got {n!r}")
+    generator = PhantomGenerator(seed=seed, size=size)
+    ids = [f"phantom-s{seed}-{index:06d}" for index in range(n)]
+    split_of = assign_splits(ids, seed, fractions)
+    indices = [index for index, pid in enumerate(ids) if split_of[pid] == split][:limit]
+    rows = []
+    for index in indices:
+        patient = generator.patient(index)
+        if patient.patient_id != ids[index]:
+            raise RuntimeError(f"phantom ids changed format ({patient.patient_id!r}); update build_phantom_split")
+        row = {"patient_id": patient.patient_id, "anatomy": patient.anatomy, "report": patient.report,
+               "findings": patient.to_json()}
+        row.update({key: patient.images.get(key) for key in image_modality_keys()})
+        rows.append(row)
+    features = canonical_features(size)
+    return Dataset.from_dict({col: [row.get(col) for row in rows] for col in features}, features=features)
+
+
+def has_image(split: Dataset, key: str) -> np.ndarray:
+    """Boolean `(num_rows,)`: where column ``key`` holds an image (not null), honouring a ``select``-ed view.
+
+    ``split.data`` of a selected dataset is the whole underlying table, so it is never read directly.
+    """
+    if key not in split.column_names:
+        raise ValueError(f"split has no column {key!r}; columns are {split.column_names}")
+    table = split.select_columns([key]).with_format("arrow")[:]
+    return ~np.asarray(table.column(key).is_null().to_numpy(zero_copy_only=False), dtype=bool)
+
+
 def load_medm2g_dataset(path: str | Path) -> DatasetDict:
     """Loads a dataset written by ``medm2g phantoms`` or ``medm2g prepare`` and checks its columns."""
     path = Path(path)

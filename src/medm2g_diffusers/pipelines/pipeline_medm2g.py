@@ -172,6 +172,9 @@ class MedM2GPipeline(DiffusionPipeline):
                 raise ValueError("prompt must not be empty or whitespace: write a report, or pass conditions instead")
             if "text" in targets:
                 raise ValueError("'text' cannot be a target when a prompt is given (the prompt is the report)")
+            limit = self.prompt_encoders.config.text_max_position_embeddings
+            if not isinstance(max_text_tokens, int) or not 1 <= max_text_tokens <= limit:
+                raise ValueError(f"max_text_tokens must be an integer in [1, {limit}] (the text encoder's positions); got {max_text_tokens!r}")
             lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=True)["input_ids"]]
             if max(lengths) > max_text_tokens:
                 raise ValueError(

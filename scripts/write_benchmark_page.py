@@ -1,0 +1,69 @@
+"""Writes docs/results/benchmark.md from the JSON of `medm2g evaluate` runs (tables by code, never by hand).
+
+    python scripts/write_benchmark_page.py --main runs/tiny/evaluate/benchmark.json \
+        --ablation runs/ablation/evaluate/benchmark.json --out docs/results/benchmark.md
+
+Everything above the notes marker is regenerated; the hand-written reading of the tables below it is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from medm2g_diffusers.evaluation.benchmark_tables import markdown_tables
+from medm2g_diffusers.training_utils import atomic_write_text
+
+NOTES_MARKER = "<!-- notes: written by hand below this line; every number is quoted from the tables above -->"
+
+
+def command_of(results: dict) -> str:
+    args = results.get("arguments") or {}
+    parts = ["medm2g evaluate"]
+    for key, value in args.items():
+        if key == "command" or value in (None, False, []):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, list):
+            for item in value:
+                parts.append(f"{flag} {'='.join(item) if isinstance(item, list) else item}")
+        else:
+            parts.append(f"{flag} {value}")
+    return " ".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--main", required=True, help="benchmark.json of the full run on medm2g-tiny")
+    parser.add_argument("--ablation", default=None, help="benchmark.json of training/recipes/ablation.sh evaluate")
+    parser.add_argument("--out", default="docs/results/benchmark.md")
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    notes = ""
+    if out.is_file() and NOTES_MARKER in out.read_text():
+        notes = out.read_text().split(NOTES_MARKER, 1)[1]
+    main_results = json.loads(Path(args.main).read_text())
+    lines = ["# The phantom benchmark", "",
+             "Made by `scripts/write_benchmark_page.py` from the JSON of the runs below (rerun them to reproduce).", "",
+             "## medm2g-tiny against the same checkpoint's stage-2 LDMs", "",
+             f"```bash\n{command_of(main_results)}\n```", "", markdown_tables(main_results)]
+    if args.ablation:
+        ablation = json.loads(Path(args.ablation).read_text())
+        lines += ["## Ablation (text <-> X-ray, every variant retrained on one budget: `training/recipes/ablation.sh`)", "",
+                  "Variants: `baseline` = single-flow LDMs on unaligned prompt encoders; `ca` + central alignment; "
+                  "`ca_lcga` + cross-guided generation; `ca_vi` + visual invariant; `all` = all three.", "",
+                  f"```bash\nbash training/recipes/ablation.sh && bash training/recipes/ablation.sh evaluate\n# = {command_of(ablation)}\n```", "",
+                  markdown_tables(ablation)]
+        times = Path(args.ablation).parents[1] / "recipe_times.log"
+        if times.is_file():
+            lines += ["Ablation training wall times (`recipe_times.log`):", "", "```", times.read_text().strip(), "```", ""]
+    atomic_write_text(out, "\n".join(lines) + "\n" + NOTES_MARKER + (notes or "\n"))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
