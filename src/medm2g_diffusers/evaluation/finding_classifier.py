@@ -13,7 +13,8 @@ and the metrics it is scored with (:func:`classifier_metrics`).
 from __future__ import annotations
 
 import json
-from typing import Any, NamedTuple, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from ..models.prompt_encoders import DownBlock  # the prompt encoders' residual 
 
 DEFAULT_THRESHOLD = 0.5
 
-LabelsLike = Union[np.ndarray, torch.Tensor, Sequence[set]]
+LabelsLike = np.ndarray | torch.Tensor | Sequence[set]
 
 
 def default_finding_types(anatomies: Sequence[str]) -> list[str]:
