@@ -1,4 +1,4 @@
-"""The ``medm2g`` command line: ``medm2g generate``, ``medm2g phantoms`` and ``medm2g prepare``.
+"""The ``medm2g`` command line: ``medm2g generate``, ``evaluate``, ``phantoms``, ``prepare`` and ``demo``.
 
 Each sub-command is a thin shell over a library function, so everything here is also reachable from
 Python. Errors that are the user's (bad arguments, unreadable files) print one line and exit with 2;
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -206,6 +207,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Starts the Gradio demo in the repository's ``space/app.py`` (the Space's own entry point)."""
+    import importlib.util
+
+    from .checkpoints import REPOSITORY_ROOT
+
+    app_file = REPOSITORY_ROOT / "space" / "app.py"
+    if not app_file.is_file():
+        raise FileNotFoundError(f"the demo is {app_file}, which is missing: install from a clone of the repository (pip install -e '.[demo]')")
+    if importlib.util.find_spec("gradio") is None:
+        raise FileNotFoundError("the demo needs Gradio: pip install -e '.[demo]' (or EXTRAS=demo bash scripts/setup_env.sh)")
+    spec = importlib.util.spec_from_file_location("medm2g_space_app", app_file)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    argv = ["--model", args.model]
+    if args.server_name:
+        argv += ["--server-name", args.server_name]
+    if args.server_port:
+        argv += ["--server-port", str(args.server_port)]
+    return app.main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medm2g", description="MedM2G medical any-to-any generation.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -267,6 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the patient-wise split")
     p.add_argument("--out", required=True, help="output directory (must be new or empty)")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("demo", help="the Gradio demo in the browser, offline (needs the demo extra)")
+    p.add_argument("--model", default=os.environ.get("MEDM2G_MODEL", DEFAULT_CHECKPOINT),
+                   help="a bundled checkpoint name or a pipeline folder (default: $MEDM2G_MODEL or %(default)s)")
+    p.add_argument("--server-name", default=None, help="host to listen on (default: $GRADIO_SERVER_NAME, else 127.0.0.1)")
+    p.add_argument("--server-port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT, else 7860)")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
