@@ -3,7 +3,6 @@ and the Space files. Handlers are called as Gradio calls them: as generators, re
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import threading
@@ -15,6 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pydicom
 import pytest
+from space_app import load_app
 
 gr = pytest.importorskip("gradio", reason="the demo extra is not installed (pip install -e '.[demo]')")
 
@@ -28,13 +28,6 @@ from medm2g_diffusers.data.io import (
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 2
-
-
-def load_app():
-    spec = importlib.util.spec_from_file_location("medm2g_space_app", ROOT / "space" / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,11 @@ and the upload limit is enforced by the server."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 from free_port import free_port
+from space_app import load_app
 
 gr = pytest.importorskip("gradio", reason="the demo extra is not installed (pip install -e '.[demo]')")
 from gradio_client import Client
@@ -21,13 +21,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated"),
     pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
 ]
-
-
-def load_app():
-    spec = importlib.util.spec_from_file_location("medm2g_space_app", ROOT / "space" / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
