@@ -27,9 +27,10 @@ def command_of(results: dict) -> str:
         flag = "--" + key.replace("_", "-")
         if value is True:
             parts.append(flag)
+        elif isinstance(value, list) and all(isinstance(item, list) for item in value):
+            parts += [f"{flag} {'='.join(item)}" for item in value]  # NAME=DIR pairs, one flag each
         elif isinstance(value, list):
-            for item in value:
-                parts.append(f"{flag} {'='.join(item) if isinstance(item, list) else item}")
+            parts.append(f"{flag} {' '.join(map(str, value))}")
         else:
             parts.append(f"{flag} {value}")
     return " ".join(parts)

@@ -76,10 +76,11 @@ def test_evaluate_rejects_a_missing_model(tmp_path, capsys):
 
 def test_evaluate_runs_a_subset_of_tasks(evaluated, tmp_path, capsys):
     root, _ = evaluated
-    code = main(["evaluate", "--quick", "--model", str(root / "tiny"), "--out", str(tmp_path), "--threads", "1",
+    code = main(["evaluate", "--quick", "--model", str(root / "tiny"), "--name", "mine", "--out", str(tmp_path), "--threads", "1",
                  "--tasks", "text_to_image", "--text-to-image-targets", "xray", "--classifiers", str(root / "out" / "finding_classifiers")])
     assert code == 0
     results = json.loads((tmp_path / "benchmark.json").read_text())
+    assert results["model"] == "mine" and "mine" in results["text_to_image"]["xray"]
     assert list(results["text_to_image"]) == ["xray"] and "joint" not in results and "report_generation" not in results
     assert list(results["finding_classifiers"]) == ["xray"]
     assert main(["evaluate", "--quick", "--model", str(root / "tiny"), "--out", str(tmp_path), "--tasks", "fid"]) == 2

@@ -196,7 +196,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         baselines[name].set_progress_bar_config(disable=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = run_benchmark(pipe, Path(args.model).name, cfg, data=args.data, baselines=baselines,
+    results = run_benchmark(pipe, args.name or Path(args.model).name, cfg, data=args.data, baselines=baselines,
                             classifier_cache=args.classifiers or out / "finding_classifiers", tasks=args.tasks)
     results["arguments"] = {k: v for k, v in vars(args).items() if k != "func"}
     save_results(results, out / "benchmark.json")
@@ -253,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="the benchmark: report, text -> image, image -> image, joint, augmentation tables")
     p.add_argument("--model", default=DEFAULT_CHECKPOINT, help="a bundled checkpoint name or a pipeline folder (default: %(default)s)")
+    p.add_argument("--name", default=None, help="the model's name in the tables (default: the folder's or checkpoint's name)")
     p.add_argument("--baseline", type=_key_value, action="append", metavar="NAME=DIR",
                    help="another pipeline scored on every task it supports, e.g. single_flow=runs/tiny/pipeline_single_flow (repeatable)")
     p.add_argument("--data", default=None, help="a dataset folder (default: rebuild the held-out split of the 4,000 seed-0 phantoms)")

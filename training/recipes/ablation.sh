@@ -22,7 +22,7 @@ timed() { local start=$SECONDS; "$@"; echo "[ablation.sh] $* took $((SECONDS - s
 
 if [ "${1:-train}" = "evaluate" ]; then
   # Text -> X-ray and X-ray -> report on the held-out phantom test split, every variant side by side.
-  exec .venv/bin/medm2g evaluate --model "$ROOT/baseline/pipeline_single_flow" \
+  exec .venv/bin/medm2g evaluate --model "$ROOT/baseline/pipeline_single_flow" --name baseline \
     --baseline ca="$ROOT/ca/pipeline_single_flow" --baseline ca_lcga="$ROOT/ca/pipeline" \
     --baseline ca_vi="$ROOT/ca_vi/pipeline_single_flow" --baseline all="$ROOT/ca_vi/pipeline" \
     --tasks report_generation text_to_image --text-to-image-targets xray --classifiers "$TINY/evaluate/finding_classifiers" \
