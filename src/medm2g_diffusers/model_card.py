@@ -70,7 +70,8 @@ source of this card; protocols are stated under each table).
   misused as fabricated evidence. Our answer is provenance: every PNG carries `medm2g:*` text chunks
   (`synthetic`, the model, the task, the seed), every DICOM is a Secondary Capture with
   `DERIVED\\SECONDARY`, a "SYNTHETIC" series description and a private provenance tag, every NIfTI a
-  provenance extension, and every report starts with "SYNTHETIC REPORT". Metadata can be stripped; do not
+  provenance extension, and report files written by `medm2g generate` start with "SYNTHETIC REPORT" (in
+  Python, `output.provenance` travels with every result). Metadata can be stripped; do not
   treat its absence as proof that an image is real.
 - **Reports** come from a small text VAE: fluent phantom-style sentences that often miss findings (see the
   report table). Never read them as a description of an input image without checking it.
@@ -150,6 +151,9 @@ def model_card_markdown(name: str, results: dict[str, Any], training_record: dic
     ]
     if recipe:
         procedure.append("Wall time per stage: " + ", ".join(f"{k} {v / 60:.0f} min" for k, v in recipe.items()) + ".")
+    else:
+        procedure.append("The stages were run one by one; their wall times are in `docs/results/stages.md` and "
+                         "`docs/results/multiflow.md` (together well over 90 minutes on this machine).")
     return MODEL_CARD_TEMPLATE.format(
         metadata=_yaml_metadata(name, results), name=name, training_data=training_data,
         training_procedure="\n".join(procedure), tables=markdown_tables(results),
