@@ -1,5 +1,7 @@
 """Evaluation: metrics and diagnostics behind `medm2g evaluate` and the scripts in `scripts/`."""
 
+from .benchmark import TASKS, BenchmarkConfig, run_benchmark, save_results
+from .benchmark_tables import markdown_tables
 from .finding_classifier import (
     FindingExamples,
     MedM2GFindingClassifier,
@@ -17,6 +19,7 @@ from .image_metrics import (
     frechet_distance,
     frechet_inception_distance,
     inception_features,
+    ms_ssim_betas,
     ms_ssim_diversity,
     psnr_ssim,
 )
@@ -24,6 +27,12 @@ from .report_metrics import clean_report_r2gen, report_generation_metrics
 from .train_finding_classifier import ClassifierAugmentation, train_finding_classifier
 
 __all__ = [
+    "TASKS",
+    "BenchmarkConfig",
+    "run_benchmark",
+    "save_results",
+    "markdown_tables",
+    "ms_ssim_betas",
     "DISPLAY_NORMALISATION",
     "FINDING_TYPES",
     "MS_SSIM_BETAS_64",
