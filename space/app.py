@@ -90,7 +90,8 @@ def read_upload(path: str | os.PathLike | None, key: str, size: int) -> tuple[np
     """An uploaded DICOM/NIfTI/PNG/JPEG as a ``(size, size)`` condition in ``key``'s native units.
 
     Returns the array and a note for the user ("" or how it was resized). Every problem with the file
-    becomes a ``gr.Error`` that names the file as the user called it, never a server path or a traceback.
+    becomes a ``gr.Error`` that names the file as the user called it, never a server path or a traceback
+    (the user's file is at fault, so none is logged either; a reader bug is logged, see below).
     """
     if path is None:
         raise gr.Error(f"Upload a {label(key)} image (DICOM, NIfTI or PNG) or pick an example first.")
@@ -99,14 +100,19 @@ def read_upload(path: str | os.PathLike | None, key: str, size: int) -> tuple[np
     try:
         nbytes = path.stat().st_size
     except OSError:
-        raise gr.Error(f"{name} could not be read; upload it again.") from None
+        raise gr.Error(f"{name} could not be read; upload it again.", print_exception=False) from None
     if nbytes > MAX_UPLOAD_BYTES:
-        raise gr.Error(f"{name} is {nbytes / 2**20:.1f} MB; the limit is {MAX_UPLOAD_BYTES // 2**20} MB.")
+        raise gr.Error(f"{name} is {nbytes / 2**20:.1f} MB; the limit is {MAX_UPLOAD_BYTES // 2**20} MB.",
+                       print_exception=False)
     try:
         image = read_image(path)
         array = native_units(image, key, CT_WINDOW_HU)
     except (MedicalImageError, ValueError) as error:
-        raise gr.Error(str(error).replace(str(path), name)) from None
+        raise gr.Error(str(error).replace(str(path), name), print_exception=False) from None
+    except Exception:  # a corrupt file the reader did not anticipate (e.g. a mangled DICOM transfer syntax UID)
+        logger.exception("reading an upload failed unexpectedly")
+        raise gr.Error(f"{name} could not be read as a DICOM, NIfTI, PNG or JPEG image; it may be corrupt.",
+                       print_exception=False) from None
     notes = []
     if image.modality is not None and image.modality != MODALITIES[key].family:
         notes.append(f"{name} says it is {image.modality.upper()}, but it was read as {label(key)}.")
@@ -241,6 +247,29 @@ def run_pipeline(pipe, lock: threading.Lock, stop: threading.Event, progress: gr
                 raise value
     finally:
         stop.set()
+
+
+def _in_gradio_cache(path: Path) -> bool:
+    """Whether ``path`` lies in Gradio's file cache (GRADIO_TEMP_DIR, default ``<temp folder>/gradio``)."""
+    cache = os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio"  # gradio.utils.get_upload_folder
+    return Path(path).resolve().is_relative_to(Path(cache).resolve())
+
+
+@contextmanager
+def request_folder() -> Iterator[Path]:
+    """A new folder in the temp folder for one request's downloads (whose names the app chooses).
+
+    Gradio copies returned files into its cache before it resumes the handler, so the folder is removed
+    then. Except when the temp folder lies in Gradio's cache (GRADIO_TEMP_DIR set to the temp folder
+    itself): Gradio then serves the files where they are, so removing them would break the download links
+    (HTTP 403); they stay, and Gradio's ``delete_cache`` removes them with the rest of its cache.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="medm2g-demo-"))
+    try:
+        yield folder
+    finally:
+        if not _in_gradio_cache(folder):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def save_images(output, folder: Path, extra: dict[str, Any]) -> tuple[list[tuple[Image.Image, str]], list[str]]:
@@ -392,9 +421,8 @@ def build_demo(pipe, model_name: str | None = None, examples_dir: str | os.PathL
             yield gr.skip(), gr.skip(), STOPPED
             return
         seconds = time.perf_counter() - started
-        with tempfile.TemporaryDirectory(prefix="medm2g-demo-") as folder:
-            # Gradio copies returned files into its cache before it asks the generator for more.
-            gallery, files = save_images(output, Path(folder), app_provenance)
+        with request_folder() as folder:
+            gallery, files = save_images(output, folder, app_provenance)
             status = summary(" + ".join(label(t) for t in targets), seconds, int(steps), float(guidance), int(seed), model_name, notes)
             yield (gallery[0][0] if single else gallery), files, status
 
@@ -417,8 +445,8 @@ def build_demo(pipe, model_name: str | None = None, examples_dir: str | os.PathL
                 return
             seconds = time.perf_counter() - started
             report = output.text[0]
-            with tempfile.TemporaryDirectory(prefix="medm2g-demo-") as folder:
-                files = save_report(report, {**output.provenance["text"], **app_provenance}, Path(folder))
+            with request_folder() as folder:
+                files = save_report(report, {**output.provenance["text"], **app_provenance}, folder)
                 status = summary(f"a report from {label(key)}", seconds, int(steps), float(guidance), int(seed), model_name, [note])
                 yield report, files, status
 
@@ -581,10 +609,11 @@ def build_demo(pipe, model_name: str | None = None, examples_dir: str | os.PathL
     return demo
 
 
-def load_pipeline(model: str):
+def load_pipeline(model: str, revision: str | None = None):
+    """A bundled checkpoint, a local folder, or a Hub repository pinned to a commit hash (required)."""
     from medm2g_diffusers.cli import load_pipeline as load
 
-    return load(model)
+    return load(model, revision)
 
 
 def launch(demo: gr.Blocks, server_name: str | None = None, server_port: int | None = None, **kwargs):
@@ -598,12 +627,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="medm2g demo", description="The MedM2G Gradio demo (offline).")
     parser.add_argument("--model", default=os.environ.get("MEDM2G_MODEL", DEFAULT_CHECKPOINT),
                         help="a bundled checkpoint name or a pipeline folder (default: $MEDM2G_MODEL or %(default)s)")
+    parser.add_argument("--revision", default=os.environ.get("MEDM2G_MODEL_REVISION"),
+                        help="commit hash of a Hub --model (required for Hub models; default: $MEDM2G_MODEL_REVISION)")
     parser.add_argument("--server-name", default=None, help="host to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
     parser.add_argument("--server-port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, args.revision)
     demo = build_demo(pipe, model_name=Path(args.model).name)
     launch(demo, args.server_name, args.server_port)
     return 0

@@ -282,7 +282,7 @@ def test_medm2g_demo_starts_space_app_with_the_environment_s_host_and_port(monke
     def fake_launch(self, **kwargs):
         launched.update(kwargs)
 
-    monkeypatch.setattr(cli, "load_pipeline", lambda model: pipe)
+    monkeypatch.setattr(cli, "load_pipeline", lambda model, revision=None: pipe)
     monkeypatch.setattr(gr.Blocks, "launch", fake_launch)
     assert cli.main(["demo"]) == 0
     # None lets Gradio read GRADIO_SERVER_NAME / GRADIO_SERVER_PORT itself.

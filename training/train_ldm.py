@@ -25,7 +25,6 @@ Reads ``<output_root>/{tokenizer,prompt_encoders,vae,text_vae}``; writes ``<outp
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -62,6 +61,7 @@ from medm2g_diffusers.single_flow import (
 )
 from medm2g_diffusers.training_utils import (
     StepBatchSampler,
+    StepLog,
     atomic_save_pretrained,
     atomic_write_text,
     base_argument_parser,
@@ -216,12 +216,12 @@ def load_components(output_root: Path, family: str, device: torch.device) -> dic
 
     components: dict[str, Any] = {
         "tokenizer": PreTrainedTokenizerFast.from_pretrained(str(need("tokenizer"))),
-        "prompt_encoders": MedM2GPromptEncoders.from_pretrained(str(need("prompt_encoders"))),
+        "prompt_encoders": MedM2GPromptEncoders.from_pretrained(str(need("prompt_encoders")), use_safetensors=True),
     }
     if family == "text":
-        components["text_vae"] = MedM2GTextVAE.from_pretrained(str(need("text_vae")))
+        components["text_vae"] = MedM2GTextVAE.from_pretrained(str(need("text_vae")), use_safetensors=True)
     else:
-        components["vae"] = AutoencoderKL.from_pretrained(str(need("vae")))
+        components["vae"] = AutoencoderKL.from_pretrained(str(need("vae")), use_safetensors=True)
     for name, model in components.items():
         if isinstance(model, torch.nn.Module):
             model.to(device).eval().requires_grad_(False)
@@ -360,9 +360,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         logger.info("resumed from %s at step %d", checkpoint, start_step)
 
     sampler = StepBatchSampler(len(train_items), cfg["train_batch_size"], seed, cfg["max_train_steps"], start_step, accelerator.process_index)
-    log_path = output_dir / "train_log.jsonl"
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    # One line per step, flushed as written; opening it drops the records a resumed run will write again.
+    step_log = StepLog(output_dir / "train_log.jsonl", start_step) if accelerator.is_main_process else None
     progress = tqdm(total=cfg["max_train_steps"], initial=start_step, desc=f"ldm {args.family}", disable=not accelerator.is_main_process)
     unet.train()
     history, started = [], time.perf_counter()
@@ -384,9 +383,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         history.append(record)
         progress.update(1)
         progress.set_postfix(loss=f"{record['loss']:.4f}")
-        if accelerator.is_main_process:
-            with log_path.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
+        if step_log is not None:
+            step_log.append(record)
         if done % cfg["checkpointing_steps"] == 0 or done == cfg["max_train_steps"]:
             save_checkpoint(accelerator, output_dir, done, keep=cfg.get("checkpoints_total_limit"))
         if accelerator.is_main_process and len(val_items) and (done % cfg["validation_steps"] == 0 or done == cfg["max_train_steps"]):
@@ -395,11 +393,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             log_validation(accelerator.unwrap_model(unet), args.family, val_items, val_encoder, components, cfg, output_dir, done, seed)
             ema.restore(unet.parameters())
     progress.close()
+    if step_log is not None:
+        step_log.close()
 
     result = {"family": args.family, "steps": cfg["max_train_steps"], "start_step": start_step, "history": history,
               "train_seconds": time.perf_counter() - started}
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process and start_step < cfg["max_train_steps"]:
+    # Also when resumed at the last step: a run killed after its final checkpoint but before (or while) writing
+    # the model still gets one, the same EMA weights the checkpoint holds.
+    if accelerator.is_main_process:
         final = accelerator.unwrap_model(unet)
         ema.copy_to(final.parameters())
         # The sampling scheduler (and so the prediction type) the denoiser was trained for travels with it.

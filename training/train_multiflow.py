@@ -376,9 +376,9 @@ def load_components(output_root: Path, device) -> dict[str, Any]:
 
     components = {
         "tokenizer": PreTrainedTokenizerFast.from_pretrained(str(need("tokenizer"))),
-        "prompt_encoders": MedM2GPromptEncoders.from_pretrained(str(need("prompt_encoders"))),
-        "vae": AutoencoderKL.from_pretrained(str(need("vae"))),
-        "text_vae": MedM2GTextVAE.from_pretrained(str(need("text_vae"))),
+        "prompt_encoders": MedM2GPromptEncoders.from_pretrained(str(need("prompt_encoders")), use_safetensors=True),
+        "vae": AutoencoderKL.from_pretrained(str(need("vae")), use_safetensors=True),
+        "text_vae": MedM2GTextVAE.from_pretrained(str(need("text_vae")), use_safetensors=True),
     }
     for model in components.values():
         if isinstance(model, torch.nn.Module):
@@ -393,7 +393,7 @@ def load_single_flow(output_root: Path, families: list[str]) -> tuple[dict[str, 
         path = output_root / f"unet_{family}"
         if not path.is_dir():
             raise FileNotFoundError(f"{path} does not exist: train it with training/train_ldm.py --family {family}")
-        unets[family] = (MedM2GTextUNet if is_text_family(family) else UNet2DConditionModel).from_pretrained(str(path))
+        unets[family] = (MedM2GTextUNet if is_text_family(family) else UNet2DConditionModel).from_pretrained(str(path), use_safetensors=True)
         scheduler_config = path / "scheduler_config.json"
         prediction_types[family] = (
             DDIMScheduler.from_pretrained(str(path)).config.prediction_type if scheduler_config.is_file() else "epsilon"

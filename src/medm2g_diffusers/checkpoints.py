@@ -41,3 +41,52 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> str:
     if text in BUNDLED_CHECKPOINTS and not os.path.isdir(text):
         return str(bundled_checkpoint_path(text))
     return text
+
+
+# ------------------------------------------------------------------------------------ safe loading
+
+# Weight files in these formats are Python pickles: loading one can run arbitrary code.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint holds pickle weight files and the caller did not opt in with ``allow_pickle=True``."""
+
+
+def pickle_weight_files(folder: str | os.PathLike) -> list[Path]:
+    """Pickle-format files in a local checkpoint folder and its component folders (two levels deep)."""
+    folder = Path(folder)
+    found = [p for pattern in ("*", "*/*") for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES]
+    return sorted(found)
+
+
+def check_safe_to_load(name_or_path: str | os.PathLike, allow_pickle: bool = False, **loading_kwargs) -> None:
+    """Refuses what could run code on load, before anything is read.
+
+    * pickle weight files (``.bin``, ``.pt``, ``.ckpt``, ...) in a local folder, unless ``allow_pickle=True``;
+    * ``use_safetensors=False`` without ``allow_pickle=True``;
+    * ``trust_remote_code`` or ``custom_pipeline``: MedM2G checkpoints are data, never code.
+
+    Raises:
+        UnsafeCheckpointError: one of the above.
+    """
+    for key in ("trust_remote_code", "custom_pipeline"):
+        if loading_kwargs.get(key):
+            raise UnsafeCheckpointError(
+                f"{key} is not supported: MedM2G checkpoints are weights and configs only and never run code "
+                f"from the checkpoint; got {key}={loading_kwargs[key]!r}"
+            )
+    if allow_pickle:
+        return
+    if loading_kwargs.get("use_safetensors") is False:
+        raise UnsafeCheckpointError("use_safetensors=False loads pickle weights; pass allow_pickle=True as well if you trust the source")
+    if os.path.isdir(name_or_path):
+        found = pickle_weight_files(name_or_path)
+        if found:
+            names = ", ".join(str(p.relative_to(name_or_path)) for p in found[:5])
+            raise UnsafeCheckpointError(
+                f"{os.fspath(name_or_path)!r} holds pickle weight files ({names}{', ...' if len(found) > 5 else ''}); "
+                "unpickling can run arbitrary code, so only safetensors are loaded by default. Convert them "
+                "(load once with allow_pickle=True, then save_pretrained) or pass allow_pickle=True if you trust "
+                "where the checkpoint came from"
+            )

@@ -1,4 +1,4 @@
-"""The ``medm2g`` command line: ``medm2g generate``, ``evaluate``, ``phantoms``, ``prepare`` and ``demo``.
+"""The ``medm2g`` command line: ``medm2g generate``, ``evaluate``, ``phantoms``, ``prepare``, ``verify`` and ``demo``.
 
 Each sub-command is a thin shell over a library function, so everything here is also reachable from
 Python. Errors that are the user's (bad arguments, unreadable files) print one line and exit with 2;
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def _window(text: str) -> tuple[float, float]:
     return low, high
 
 
+REVISION_HELP = "the commit hash to load a Hub repository --model at (required for Hub models, refused for local ones)"
 FORMAT_SUFFIX = {"png": ".png", "dicom": ".dcm", "nifti": ".nii.gz"}
 
 
@@ -59,18 +61,32 @@ def load_condition(key: str, path: str, size: int, png_ct_window: tuple[float, f
     return array
 
 
-def load_pipeline(model: str):
-    """The pipeline a command's --model names: a bundled checkpoint's name or a local folder."""
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+
+
+def load_pipeline(model: str, revision: str | None = None):
+    """The pipeline a command's --model names: a bundled checkpoint's name, a local folder, or a Hub
+    repository pinned to a commit (``revision``), so what a run loads cannot change under it."""
     from .checkpoints import BUNDLED_CHECKPOINTS, resolve_checkpoint
     from .pipelines import MedM2GPipeline
 
-    if model not in BUNDLED_CHECKPOINTS and not Path(model).is_dir():
-        raise FileNotFoundError(
-            f"--model must be a bundled checkpoint {sorted(BUNDLED_CHECKPOINTS)} or a folder written by "
-            f"training/train_multiflow.py; got {model!r}"
-        )
-    resolve_checkpoint(model)  # a clear error when the bundled folder is missing
-    return MedM2GPipeline.from_pretrained(model)
+    if model in BUNDLED_CHECKPOINTS or Path(model).is_dir():
+        if revision is not None:
+            raise ValueError(f"--revision applies to Hub repositories only; {model!r} is local")
+        resolve_checkpoint(model)  # a clear error when the bundled folder is missing
+        return MedM2GPipeline.from_pretrained(model)
+    if HUB_REPO_ID.fullmatch(model):
+        if revision is None or not COMMIT_HASH.fullmatch(revision):
+            raise ValueError(
+                f"{model!r} is not a local folder, so it names a Hub repository: --revision must be the "
+                f"40-character commit hash to load it at (a branch or tag can move to other weights); got {revision!r}"
+            )
+        return MedM2GPipeline.from_pretrained(model, revision=revision)
+    raise FileNotFoundError(
+        f"--model must be a bundled checkpoint {sorted(BUNDLED_CHECKPOINTS)}, a folder written by "
+        f"training/train_multiflow.py or a Hub repository id with --revision; got {model!r}"
+    )
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -86,7 +102,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .data.io import write_dicom, write_nifti, write_png
 
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, args.revision)
     conditions = {
         key: load_condition(key, path, pipe.image_size, args.png_ct_window) for key, path in (args.condition or [])
     }
@@ -188,7 +204,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, args.revision)
     pipe.set_progress_bar_config(disable=True)
     baselines = {}
     for name, folder in args.baseline or []:
@@ -222,11 +238,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
     app = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(app)
     argv = ["--model", args.model]
+    if args.revision:
+        argv += ["--revision", args.revision]
     if args.server_name:
         argv += ["--server-name", args.server_name]
     if args.server_port:
         argv += ["--server-port", str(args.server_port)]
     return app.main(argv)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Exit 0 when every file carries MedM2G provenance, 1 when one does not (2: a file cannot be read).
+    ``--strict``: a file whose pixels changed after it was written also exits 1."""
+    from .data.io import pixels_unchanged, read_provenance
+
+    results = []
+    for path in args.files:
+        record = read_provenance(path)
+        ours = bool(record) and record.get("synthetic") is True
+        results.append({"file": path, "synthetic": ours, "model": (record or {}).get("model") if ours else None,
+                        "generator": (record or {}).get("generator") if ours else None,
+                        "pixels_unchanged": pixels_unchanged(path) if ours else None,
+                        "provenance": record if ours else None})
+    pixel_words = {True: "pixels unchanged since generation", False: "PIXELS CHANGED after generation",
+                   None: "pixels not checkable (no digest recorded)"}
+    if args.json:
+        print(json.dumps(results, indent=2, ensure_ascii=False))
+    else:
+        for row in results:
+            if row["synthetic"]:
+                made_by = f"model {row['model']}" if row["model"] else "model unknown (only the standard marks survive)"
+                print(f"{row['file']}: SYNTHETIC, MedM2G provenance: {made_by}, {row['generator'] or 'generator unknown'}; "
+                      f"{pixel_words[row['pixels_unchanged']]}")
+            else:
+                print(f"{row['file']}: no MedM2G provenance")
+    passed = all(row["synthetic"] and not (args.strict and row["pixels_unchanged"] is False) for row in results)
+    return 0 if passed else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,11 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--num-images", type=_positive_int, default=1, help="samples per prompt (default 1)")
     p.add_argument("--model", default=DEFAULT_CHECKPOINT, help="a bundled checkpoint name or a pipeline folder (default: %(default)s, bundled)")
+    p.add_argument("--revision", default=None, help=REVISION_HELP)
     p.add_argument("--png-ct-window", type=_window, default=(-1000.0, 1000.0), help="HU window an 8-bit CT PNG condition stands for")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("evaluate", help="the benchmark: report, text -> image, image -> image, joint, augmentation tables")
     p.add_argument("--model", default=DEFAULT_CHECKPOINT, help="a bundled checkpoint name or a pipeline folder (default: %(default)s)")
+    p.add_argument("--revision", default=None, help=REVISION_HELP)
     p.add_argument("--name", default=None, help="the model's name in the tables (default: the folder's or checkpoint's name)")
     p.add_argument("--baseline", type=_key_value, action="append", metavar="NAME=DIR",
                    help="another pipeline scored on every task it supports, e.g. single_flow=runs/tiny/pipeline_single_flow (repeatable)")
@@ -292,10 +341,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (must be new or empty)")
     p.set_defaults(func=cmd_prepare)
 
+    p = sub.add_parser("verify", help="does a PNG/DICOM/NIfTI carry MedM2G provenance, and from which model? (exit 0 yes, 1 no)")
+    p.add_argument("files", nargs="+", metavar="FILE", help="images to check")
+    p.add_argument("--json", action="store_true", help="print the full provenance records as JSON")
+    p.add_argument("--strict", action="store_true", help="also exit 1 when a file's pixels changed after it was written")
+    p.set_defaults(func=cmd_verify)
+
     p = sub.add_parser("demo", help="the Gradio demo in the browser, offline (needs the demo extra)")
     p.add_argument("--model", default=os.environ.get("MEDM2G_MODEL", DEFAULT_CHECKPOINT),
                    help="a bundled checkpoint name or a pipeline folder (default: $MEDM2G_MODEL or %(default)s)")
     p.add_argument("--server-name", default=None, help="host to listen on (default: $GRADIO_SERVER_NAME, else 127.0.0.1)")
+    p.add_argument("--revision", default=os.environ.get("MEDM2G_MODEL_REVISION"),
+                   help=REVISION_HELP + " (default: $MEDM2G_MODEL_REVISION)")
     p.add_argument("--server-port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT, else 7860)")
     p.set_defaults(func=cmd_demo)
     return parser

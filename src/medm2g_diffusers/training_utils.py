@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import re
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -141,19 +142,169 @@ def lr_lambda_for(rounds: list[dict], warmup_steps: int):
 
 
 # --------------------------------------------------------------------------------------- checkpoints
+#
+# Kill safety (SIGKILL at any instant; checked by scripts/reliability/kill_resume.py): a folder
+# named ``checkpoint-<step>`` is only ever created by one rename of a finished, fsynced temp folder carrying a
+# manifest (file names and sizes), and is never deleted or rewritten in place: replacing one swaps it out
+# atomically (or renames it aside to ``.old-`` first), pruning one renames it to ``.trash-`` first. Dot-prefixed
+# leftovers of a killed save (``.tmp-``, ``.old-``, ``.trash-``) are ignored by :func:`list_checkpoints` and
+# cleaned up by the next :func:`save_checkpoint`.
+
+CHECKPOINT_MANIFEST = "checkpoint_manifest.json"
+_STALE_CHECKPOINT = re.compile(rf"\.(tmp|old|trash)-{CHECKPOINT_PREFIX}(\d+)(-[0-9a-f]+)?")
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_renameat2 = None
+
+
+def _fsync_path(path: Path) -> None:
+    """Flushes a file's (or a folder's entries') data to disk; best effort where a platform cannot fsync a folder."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync_path(Path(folder) / name)
+        _fsync_path(Path(folder))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swaps two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    global _renameat2
+    if _renameat2 is None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            _renameat2 = libc.renameat2
+            _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        except (OSError, AttributeError, TypeError):  # not Linux, or a libc without renameat2
+            _renameat2 = False
+    if not _renameat2:
+        return False
+    at_fdcwd = -100
+    return _renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def _remove_dir(path: Path) -> None:
+    """Deletes a folder without ever leaving it half-deleted under its own name: rename to ``.trash-``, then rmtree.
+
+    A dot-prefixed folder (a temp or aside folder, ignored by listings) is deleted where it is.
+    """
+    if not path.exists():
+        return
+    if path.name.startswith("."):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    trash = path.with_name(f".trash-{path.name}-{os.urandom(4).hex()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _install_dir(tmp: Path, final: Path) -> None:
+    """Moves the finished folder ``tmp`` to ``final``; a reader sees the old ``final`` or the new one, never a mix.
+
+    A missing ``final`` takes one rename. An existing one is swapped atomically where the OS can
+    (``RENAME_EXCHANGE``), else renamed aside to ``.old-<name>`` first (a kill between the two renames leaves
+    ``.old-`` complete, and :func:`clean_stale_checkpoints` puts it back).
+    """
+    if not final.exists():
+        os.replace(tmp, final)
+    elif _exchange(tmp, final):
+        _remove_dir(tmp)  # now holds the replaced content
+    else:
+        old = final.with_name(f".old-{final.name}")
+        _remove_dir(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        _remove_dir(old)
+    _fsync_path(final.parent)
+
+
+def write_checkpoint_manifest(folder: str | Path, step: int) -> None:
+    """Records every file of a finished checkpoint folder with its size; written last, so its presence means done."""
+    folder = Path(folder)
+    _fsync_tree(folder)
+    files = {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != CHECKPOINT_MANIFEST
+    }
+    manifest = folder / CHECKPOINT_MANIFEST
+    with manifest.open("w") as handle:
+        json.dump({"step": step, "files": files}, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    _fsync_path(folder)
+
+
+def checkpoint_is_complete(folder: str | Path) -> bool:
+    """True when every file the manifest lists is there with its recorded size.
+
+    A folder without a manifest counts as complete: checkpoints written before manifests existed (this
+    module's own saves never leave a manifest-less ``checkpoint-<step>``: the manifest is in before the rename).
+    """
+    folder = Path(folder)
+    manifest = folder / CHECKPOINT_MANIFEST
+    if not folder.is_dir():
+        return False
+    if not manifest.exists():
+        return True
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        return all((folder / name).stat().st_size == size for name, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def clean_stale_checkpoints(output_dir: str | Path) -> None:
+    """Removes what a killed save left behind (``.tmp-``, ``.old-``, ``.trash-`` checkpoint folders).
+
+    An ``.old-checkpoint-<step>`` whose ``checkpoint-<step>`` is missing (killed between the two renames of a
+    replace) is complete: it is put back instead of deleted.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return
+    for path in output_dir.iterdir():
+        match = _STALE_CHECKPOINT.fullmatch(path.name)
+        if match is None or not path.is_dir():
+            continue
+        final = output_dir / f"{CHECKPOINT_PREFIX}{match.group(2)}"
+        if match.group(1) == "old" and not final.exists() and checkpoint_is_complete(path):
+            os.replace(path, final)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (``checkpoint-<step>``) sorted by step; temp folders of a killed save are ignored."""
+    """Complete checkpoints (``checkpoint-<step>``) sorted by step.
+
+    Dot-prefixed leftovers of a killed save are ignored, and so is a ``checkpoint-<step>`` whose manifest
+    does not match its files (see :func:`checkpoint_is_complete`).
+    """
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = [p for p in output_dir.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
+    found = [
+        p for p in output_dir.iterdir()
+        if re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name) and checkpoint_is_complete(p)
+    ]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
 def resolve_checkpoint(output_dir: str | Path, resume: str | None) -> Path | None:
-    """``None`` -> None; ``"latest"`` -> newest complete checkpoint or None; a path -> that path (must exist)."""
+    """``None`` -> None; ``"latest"`` -> newest complete checkpoint or None; a path -> that path (must exist and
+    be complete)."""
     if resume is None:
         return None
     if resume == "latest":
@@ -162,6 +313,8 @@ def resolve_checkpoint(output_dir: str | Path, resume: str | None) -> Path | Non
     path = Path(resume)
     if not path.is_dir():
         raise FileNotFoundError(f"resume_from_checkpoint {resume!r} is not a checkpoint directory")
+    if not checkpoint_is_complete(path):
+        raise ValueError(f"resume_from_checkpoint {resume!r} is incomplete: its files do not match {CHECKPOINT_MANIFEST}")
     return path
 
 
@@ -175,34 +328,39 @@ def checkpoint_step(path: Path) -> int:
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int | None = 2) -> Path:
     """``accelerator.save_state`` into a temp folder, then one atomic rename to ``checkpoint-<step>``.
 
-    A process killed mid-save leaves only a ``.tmp-`` folder that :func:`list_checkpoints` ignores, so the
-    latest complete checkpoint always loads. Older checkpoints beyond ``keep`` are removed after the rename.
+    Safe against a kill at any instant: the temp folder is fsynced and gets its manifest before the rename,
+    an existing ``checkpoint-<step>`` is swapped out atomically (or renamed aside first), and checkpoints
+    beyond the newest ``keep`` are renamed to ``.trash-`` before they are deleted. So the latest complete
+    checkpoint always loads, and :func:`list_checkpoints` never returns a partial one. Leftovers of a killed
+    save are cleaned up here first.
     """
     output_dir = Path(output_dir)
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = output_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        clean_stale_checkpoints(output_dir)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        write_checkpoint_manifest(tmp, step)
+        _install_dir(tmp, final)
         if keep is not None:
             for old in list_checkpoints(output_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove_dir(old)
     accelerator.wait_for_everyone()
     return final
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Writes a text file through a sibling temp file and a rename, so a reader never sees half of it."""
+    """Writes a text file through a fsynced sibling temp file and a rename, so a reader never sees half of it."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
+    with tmp.open("w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
@@ -214,16 +372,84 @@ def atomic_save_pretrained(model, directory: str | Path, also: Sequence[Any] = (
     """
     directory = Path(directory)
     tmp = directory.with_name(f".tmp-{directory.name}")
+    old = directory.with_name(f".old-{directory.name}")
     shutil.rmtree(tmp, ignore_errors=True)
+    if old.is_dir() and not directory.exists():
+        os.replace(old, directory)  # a kill between the two renames of a replace: the old model was complete
+    shutil.rmtree(old, ignore_errors=True)
     model.save_pretrained(str(tmp), **kwargs)
     for extra in also:
         extra.save_pretrained(str(tmp))
-    old = directory.with_name(f".old-{directory.name}")
-    if directory.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    _fsync_tree(tmp)
+    _install_dir(tmp, directory)
+
+
+# ------------------------------------------------------------------------------------------ step logs
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict], bool]:
+    """Parsed records of a JSONL file and whether any line was unreadable (a line torn by a kill mid-write)."""
+    records, torn = [], False
+    if not path.is_file():
+        return records, torn
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            torn = True
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            torn = True
+    return records, torn
+
+
+def read_step_log(path: str | Path, step_key: str = "step") -> list[dict]:
+    """One record per step of an append-only JSONL step log, sorted by step.
+
+    Where a step was logged twice (a run killed after logging it and resumed from an earlier checkpoint)
+    the last record wins; lines torn by a kill mid-write are skipped.
+    """
+    records, _ = _read_jsonl(Path(path))
+    by_step = {r[step_key]: r for r in records if step_key in r}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+class StepLog:
+    """An append-only JSONL log of per-step records that survives a kill and a resume.
+
+    Each :meth:`append` writes one line and flushes it, so a SIGKILL loses at most the line being written.
+    Opening the log for a run that starts (or resumes) at ``resume_step`` first drops what that run will log
+    again: records whose ``step_key`` is past ``resume_step``, duplicate steps and torn lines (rewritten
+    atomically, only when something is dropped). So after any number of kills and resumes the file holds
+    each step once, as the run that reached the end computed it.
+    """
+
+    def __init__(self, path: str | Path, resume_step: int, step_key: str = "step"):
+        self.path, self.step_key = Path(path), step_key
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        records, torn = _read_jsonl(self.path)
+        by_step = {r[step_key]: r for r in records if step_key in r and r[step_key] <= resume_step}
+        kept = [by_step[s] for s in sorted(by_step)]
+        if torn or len(kept) != len(records):
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self._handle = self.path.open("a")
+
+    def append(self, record: dict) -> None:
+        self._handle.write(json.dumps(record) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # ---------------------------------------------------------------------------------- batch transforms

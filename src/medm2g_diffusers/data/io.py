@@ -39,11 +39,13 @@ allocated.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.metadata
 import json
 import os
 import re
 import secrets
+import struct
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -96,6 +98,7 @@ PRIVATE_CREATOR = "MEDM2G_DIFFUSERS"
 
 _PRIVATE_GROUP = 0x0011
 _PROVENANCE_KEY = "medm2g:provenance"
+_DIGEST_KEY = "pixel_sha256"  # provenance entry: the stored pixels' digest (see pixel_digest)
 _PROVENANCE_KEY_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -257,6 +260,43 @@ def read_provenance(path: PathLike) -> dict[str, Any] | None:
     return None  # this module never writes JPEG
 
 
+def pixel_digest(array: np.ndarray) -> str:
+    """``"sha256:<hex>"`` of an array's values as stored (dtype, shape and little-endian bytes): what the
+    writers record as ``pixel_sha256`` so that :func:`pixels_unchanged` can tell an edited file."""
+    array = np.asarray(array)
+    canonical = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    digest = hashlib.sha256(f"{canonical.dtype.kind}{canonical.dtype.itemsize}:{canonical.shape}:".encode())
+    digest.update(canonical.tobytes())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def pixels_unchanged(path: PathLike) -> bool | None:
+    """Whether a file's pixels are still those its writer recorded in the provenance (`None`: no record).
+
+    Raises:
+        MedicalImageError: the file cannot be read.
+    """
+    record = read_provenance(path)
+    expected = (record or {}).get(_DIGEST_KEY)
+    if not expected:
+        return None
+    path, source_format = _open_path(path)
+    if source_format not in ("png", "dicom", "nifti"):
+        return None
+    read_image(path)  # the guarded reader first: sizes, truncation and decoding are checked before the raw read
+    try:
+        if source_format == "png":
+            with Image.open(path) as image:
+                stored = np.asarray(image)
+        elif source_format == "dicom":
+            stored = _load_dicom(path).pixel_array
+        else:
+            stored = np.asanyarray(_load_nifti(path, canonical=False).dataobj)
+    except Exception as e:  # a decoder's own error on a file read_image accepted: still the file's fault
+        raise MedicalImageError(f"{path}: cannot read its stored pixels to check them: {e}") from e
+    return pixel_digest(stored) == expected
+
+
 # --------------------------------------------------------------------------------------------------
 # Public writers
 # --------------------------------------------------------------------------------------------------
@@ -292,9 +332,9 @@ def write_png(path: PathLike, array: Any, *, provenance: dict[str, Any], bit_dep
         raise ValueError(f"bit_depth must be 8 or 16; got {bit_depth}")
     if bit_depth == 16 and values.ndim == 3:
         raise ValueError("bit_depth=16 supports grey images only (Pillow writes RGB PNGs as 8-bit)")
-    info = provenance_pnginfo(provenance)
     dtype = np.uint8 if bit_depth == 8 else np.uint16
     quantised = np.rint(values * (2**bit_depth - 1)).astype(dtype)
+    info = provenance_pnginfo({**provenance, _DIGEST_KEY: pixel_digest(quantised)})
     with _atomic_target(path) as tmp:
         Image.fromarray(quantised).save(tmp, format="PNG", pnginfo=info)
 
@@ -319,9 +359,9 @@ def tag_synthetic(image: Image.Image, provenance: dict[str, Any]) -> Image.Image
 
     Returns the same image, for chaining.
     """
-    record = _provenance_record(provenance)
+    record = _provenance_record({**provenance, _DIGEST_KEY: pixel_digest(np.asarray(image))})
     image.info.update({_PROVENANCE_KEY: json.dumps(record, ensure_ascii=False), "Comment": _synthetic_sentence(record)})
-    image.encoderinfo = {"pnginfo": provenance_pnginfo(provenance)}
+    image.encoderinfo = {"pnginfo": provenance_pnginfo(record)}
     return image
 
 
@@ -431,6 +471,7 @@ def write_dicom(
         ds.RescaleType = "HU"
         ds.WindowCenter = 0  # the model's default CT window, [-1000, 1000] HU
         ds.WindowWidth = 2000
+    record[_DIGEST_KEY] = pixel_digest(pixels)
     block = ds.private_block(_PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
     block.add_new(0x01, "UT", json.dumps(record, ensure_ascii=False))
 
@@ -469,9 +510,10 @@ def write_nifti(
     zooms = zooms + (1.0,) * (3 - len(zooms))
     if values.ndim == 2:
         values = values[:, :, np.newaxis]
-    record = _provenance_record(provenance)
+    values = values.astype(np.float32)
+    record = _provenance_record({**provenance, _DIGEST_KEY: pixel_digest(values)})
 
-    image = nib.Nifti1Image(values.astype(np.float32), np.diag([*zooms, 1.0]))
+    image = nib.Nifti1Image(values, np.diag([*zooms, 1.0]))
     image.header.set_xyzt_units("mm", "sec")
     description = " ".join(["synthetic", record["generator"], *_describe(record)])
     image.header["descrip"] = description.encode("ascii", "replace")[:79]
@@ -587,6 +629,15 @@ def _check_finite(path: Path, array: np.ndarray) -> None:
         raise MedicalImageError(f"{path} contains NaN or infinite values")
 
 
+def _to_float32(path: Path, array: np.ndarray) -> np.ndarray:
+    """Cast finite values to float32, refusing any that overflow it (e.g. after a Rescale Intercept of 1e308)."""
+    with np.errstate(over="ignore"):
+        cast = array.astype(np.float32)
+    if not np.isfinite(cast).all():
+        raise MedicalImageError(f"{path} has pixel values beyond the float32 range after its rescale or LUT")
+    return cast
+
+
 def _check_index(path: Path, name: str, value: int, size: int, what: str) -> int:
     if not 0 <= value < size:
         raise ValueError(f"{name} must be in [0, {size - 1}] for {what} of {path}; got {value}")
@@ -608,8 +659,9 @@ def _read_dicom_image(path: Path, frame: int | None) -> MedicalImage:
         array, units, modality, metadata = _dicom_intensities(path, ds, raw, index)
         spacing = _dicom_pixel_spacing(ds, index, metadata)
     metadata.update(number_of_frames=n_frames, frame=index)
+    array = _to_float32(path, array)
     return MedicalImage(
-        array=array.astype(np.float32),
+        array=array,
         units=units,
         modality=modality,
         spacing=spacing,
@@ -629,7 +681,7 @@ def _read_dicom_volume(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None
     with _corrupt_header_is_an_error(path):
         for index in range(n_frames):
             array, units, _, _ = _dicom_intensities(path, ds, raw[index], index)
-            frames.append(array.astype(np.float32))
+            frames.append(_to_float32(path, array))
         pixel_spacing = _dicom_pixel_spacing(ds, 0, {})
         frame_spacing = _dicom_frame_spacing(ds)
     spacing = None if pixel_spacing is None or frame_spacing is None else (frame_spacing, *pixel_spacing)
@@ -647,9 +699,30 @@ def _corrupt_header_is_an_error(path: Path) -> Iterator[None]:
         raise MedicalImageError(f"{path} has corrupt or invalid header attributes: {e}") from e
 
 
+class _ClampedReader:
+    """A binary file whose ``read(n)`` never asks for more than the bytes left in it.
+
+    ``BufferedReader.read(n)`` allocates ``n`` bytes before reading, so a corrupt length field (a DICOM
+    element length, a PNG chunk length that Pillow skips with ``read``; up to 4 GiB) would otherwise
+    allocate that much before pydicom or Pillow notices the file is shorter.
+    """
+
+    def __init__(self, file: Any, size: int):
+        self._file, self._size = file, size
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is None or n < 0:
+            return self._file.read()
+        return self._file.read(max(0, min(n, self._size - self._file.tell())))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+
 def _load_dicom(path: Path, stop_before_pixels: bool = False) -> Dataset:
     try:
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        with path.open("rb") as f:
+            return pydicom.dcmread(_ClampedReader(f, path.stat().st_size), stop_before_pixels=stop_before_pixels)
     except Exception as e:
         raise MedicalImageError(f"{path} is a corrupt or truncated DICOM file: {e}") from e
 
@@ -674,11 +747,12 @@ def _check_dicom_header(path: Path, ds: Dataset) -> int:
 def _decode_dicom(path: Path, ds: Dataset, index: int | None) -> np.ndarray:
     """Decode all frames (`index=None`) or one frame; raw stored values, YBR converted to RGB."""
     syntax = ds.file_meta.get("TransferSyntaxUID")
-    if syntax is None:
-        raise MedicalImageError(f"{path} has no Transfer Syntax UID in its file meta information")
+    if not syntax or not isinstance(syntax, str):
+        raise MedicalImageError(f"{path} has no (or an invalid) Transfer Syntax UID in its file meta information")
+    syntax = pydicom.uid.UID(syntax)
     try:
         decoder = get_decoder(syntax)
-    except NotImplementedError as e:
+    except (NotImplementedError, ValueError, TypeError) as e:
         raise MedicalImageError(f"{path} uses transfer syntax {syntax.name!r}, which pydicom cannot decode") from e
     if not decoder.is_available:
         raise MedicalImageError(
@@ -686,11 +760,22 @@ def _decode_dicom(path: Path, ds: Dataset, index: int | None) -> np.ndarray:
             f"install one of: {'; '.join(decoder.missing_dependencies)}"
         )
     try:
-        return pixel_array(ds, index=index)
+        decoded = pixel_array(ds, index=index)
     except Exception as e:
         raise MedicalImageError(
             f"{path}: pixel data ({syntax.name}) could not be decoded, file truncated or corrupt? {e}"
         ) from e
+    # pydicom turns surplus pixel bytes into extra frames; the header is what the caller was promised.
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    n_frames = int(ds.get("NumberOfFrames") or 1)
+    expected = ((n_frames,) if index is None and n_frames > 1 else ()) + (int(ds.Rows), int(ds.Columns))
+    expected += (samples,) if samples > 1 else ()
+    if decoded.shape != expected:
+        raise MedicalImageError(
+            f"{path}: decoded pixel data has shape {decoded.shape}, but its header (Rows, Columns, "
+            f"NumberOfFrames, SamplesPerPixel) declares {expected}; the file is corrupt"
+        )
+    return decoded
 
 
 def _frame_value(ds: Dataset, index: int, sequence: str, keyword: str) -> Any:
@@ -873,6 +958,7 @@ def _dicom_provenance(path: Path) -> dict[str, Any] | None:
 
 def _load_nifti(path: Path, canonical: bool) -> nib.Nifti1Image:
     """Load the header (data stays on disk) and validate its shape and data type."""
+    _check_nifti_extensions(path)
     try:
         image = nib.load(path)
     except Exception as e:
@@ -892,18 +978,73 @@ def _load_nifti(path: Path, canonical: bool) -> nib.Nifti1Image:
     return image
 
 
+def _check_nifti_extensions(path: Path) -> None:
+    """Refuse a header extension that claims more bytes than the file holds, before nibabel reads it.
+
+    nibabel reads each extension with ``read(esize)``, which allocates `esize` bytes (up to 2 GiB) before
+    finding out the file is shorter. The records are walked as nibabel does (from the end of the header to
+    `vox_offset`), seeking over the contents, so nothing is held in memory.
+    """
+    gz = _is_gzip(path)
+    try:
+        with (gzip.open(path, "rb") if gz else path.open("rb")) as f:
+            head = f.read(_NIFTI_HEADER_BYTES + 4)
+            for order in ("little", "big"):
+                header_size = int.from_bytes(head[:4], order) if len(head) >= 4 else 0
+                if header_size in (348, 540):
+                    break
+            else:
+                return  # not a NIfTI header: nibabel reports it
+            if len(head) < header_size + 4 or head[header_size] == 0:
+                return  # no extensions
+            prefix = "<" if order == "little" else ">"
+            vox_offset = (struct.unpack_from(f"{prefix}f", head, 108) if header_size == 348
+                          else struct.unpack_from(f"{prefix}q", head, 168))[0]
+            position = header_size + 4
+            on_disk = None if gz else path.stat().st_size
+            f.seek(position)
+            # As nibabel: extensions up to vox_offset, or to the end of the file when vox_offset lies before them.
+            while (remaining := vox_offset - position) >= 16 or remaining < 0:
+                record = f.read(8)
+                if len(record) < 8:
+                    return  # end of file, or a short extension header that nibabel reports
+                esize = int.from_bytes(record[:4], order, signed=True)
+                if esize < 8:
+                    return  # nibabel reads at most to the end of the file, then reports it
+                target = position + esize
+                # A gzip stream seeks by decompressing and stops at its end; a plain file says its size.
+                reached = f.seek(target) if gz else min(target, on_disk)
+                if reached < target:
+                    raise MedicalImageError(
+                        f"{path} has a NIfTI header extension of {esize} bytes at byte {position}, "
+                        f"which runs past the end of the file"
+                    )
+                f.seek(target)
+                position = target
+    except (OSError, EOFError, zlib.error) as e:
+        raise MedicalImageError(f"{path} is a truncated or corrupt NIfTI file: {e}") from e
+
+
 def _check_nifti_length(path: Path, expected: int) -> None:
     """Refuse a file shorter than its header promises.
 
     A truncated `.nii.gz` still yields the slices before the cut, so the whole stream is decompressed
-    (and its CRC checked by `gzip`) in 1 MiB chunks, never held in memory.
+    (and its CRC checked by `gzip`) in 1 MiB chunks, never held in memory. A stream that goes on far past
+    what the header declares (a decompression bomb: a small upload that inflates to many GB) is refused as
+    soon as it does, instead of being read to the end.
     """
     if _is_gzip(path):
         available = 0
+        limit = 2 * expected + 2**20  # generous: some writers pad; the header's size is already bounded
         try:
             with gzip.open(path, "rb") as f:
                 while chunk := f.read(2**20):
                     available += len(chunk)
+                    if available > limit:
+                        raise MedicalImageError(
+                            f"{path} decompresses to more than {limit} bytes while its header declares {expected}: "
+                            "refused as a possible decompression bomb"
+                        )
         except (OSError, EOFError, zlib.error) as e:
             raise MedicalImageError(f"{path} is a truncated or corrupt gzip stream: {e}") from e
     else:
@@ -934,7 +1075,10 @@ def _read_nifti_image(path: Path, *, slice_index: int | None, axis: int, volume:
     image = _load_nifti(path, canonical)
     shape = image.shape
     zooms, unit = _nifti_spatial_zooms(path, image)
-    codes = nib.aff2axcodes(image.affine)
+    try:
+        codes = nib.aff2axcodes(image.affine)
+    except Exception as e:  # NaN/inf or degenerate qform/sform: the SVD of the affine fails
+        raise MedicalImageError(f"{path} has an invalid orientation (qform/sform affine) in its NIfTI header: {e}") from e
     index: list[int | slice] = [slice(None)] * len(shape)
     metadata: dict[str, Any] = {"shape": tuple(shape), "canonical": canonical, "spatial_unit": unit}
     if len(shape) == 4:
@@ -1012,7 +1156,7 @@ def _nifti_provenance(path: Path) -> dict[str, Any] | None:
 
 def _read_pillow_image(path: Path, source_format: SourceFormat) -> MedicalImage:
     try:
-        with Image.open(path) as image:
+        with path.open("rb") as f, Image.open(_ClampedReader(f, path.stat().st_size)) as image:
             # .size comes from the header; nothing is decoded before this check.
             _check_size(path, (image.size[1], image.size[0]), "(height, width)")
             image.load()
@@ -1020,8 +1164,9 @@ def _read_pillow_image(path: Path, source_format: SourceFormat) -> MedicalImage:
             mode = image.mode
     except MedicalImageError:
         raise
-    except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
-        # Pillow raises OSError for truncated data and SyntaxError for some broken chunks.
+    except (Image.DecompressionBombError, OSError, ValueError, SyntaxError, struct.error) as e:
+        # Pillow raises OSError for truncated data, SyntaxError for some broken chunks and struct.error for
+        # chunks too short for their fields (e.g. an empty tRNS).
         raise MedicalImageError(f"{path} is a corrupt or truncated {source_format.upper()} file: {e}") from e
     metadata: dict[str, Any] = {"mode": mode, "bit_depth": bit_depth}
     if conversion:
@@ -1063,9 +1208,9 @@ def _pillow_to_grey(path: Path, image: Image.Image) -> tuple[np.ndarray, int, st
 
 def _png_provenance(path: Path) -> dict[str, Any] | None:
     try:
-        with Image.open(path) as image:
+        with path.open("rb") as f, Image.open(_ClampedReader(f, path.stat().st_size)) as image:
             text = dict(getattr(image, "text", {}))  # reads the chunks after IDAT too
-    except (OSError, ValueError, SyntaxError) as e:
+    except (Image.DecompressionBombError, OSError, ValueError, SyntaxError, struct.error) as e:
         raise MedicalImageError(f"{path} is a corrupt or truncated PNG file: {e}") from e
     if _PROVENANCE_KEY in text:
         try:

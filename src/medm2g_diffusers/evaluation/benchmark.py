@@ -198,7 +198,7 @@ def train_classifiers(train, test, modalities: Sequence[str], cfg: BenchmarkConf
         types = classifier_types(key)
         folder = cache / key if cache is not None else None
         if folder is not None and (folder / "config.json").is_file():
-            classifier = MedM2GFindingClassifier.from_pretrained(str(folder))
+            classifier = MedM2GFindingClassifier.from_pretrained(str(folder), use_safetensors=True)
         else:
             examples = finding_examples(train, key, types)
             started = time.perf_counter()

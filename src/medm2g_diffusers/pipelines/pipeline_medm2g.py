@@ -15,7 +15,7 @@ from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedTokenizerBase
 
-from ..checkpoints import resolve_checkpoint
+from ..checkpoints import check_safe_to_load, resolve_checkpoint
 from ..data.io import tag_synthetic
 from ..modalities import MODALITIES, from_model_range, get_modality, image_modality_keys, modality_keys, to_model_range
 from ..models.multiflow import MedM2GMultiFlowModel
@@ -69,18 +69,29 @@ class MedM2GPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "prompt_encoders->multiflow->vae->text_vae"
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *, allow_pickle: bool = False, **kwargs):
         r"""
-        [`DiffusionPipeline.from_pretrained`], plus the names of the checkpoints bundled with the repository:
-        `MedM2GPipeline.from_pretrained("medm2g-tiny")` loads `checkpoints/medm2g-tiny` offline. Its weights
-        are stored in fp16 and load as fp32 unless `torch_dtype` says otherwise.
+        [`DiffusionPipeline.from_pretrained`], safetensors only, plus the names of the checkpoints bundled with
+        the repository: `MedM2GPipeline.from_pretrained("medm2g-tiny")` loads `checkpoints/medm2g-tiny` offline.
+        Its weights are stored in fp16 and load as fp32 unless `torch_dtype` says otherwise.
+
+        Args:
+            allow_pickle (`bool`, defaults to `False`): a checkpoint with pickle weight files (`.bin`, `.pt`,
+                `.ckpt`, ...) is refused with [`~medm2g_diffusers.checkpoints.UnsafeCheckpointError`] unless this
+                is `True`, because unpickling can run arbitrary code. `trust_remote_code` and `custom_pipeline`
+                are always refused: a MedM2G checkpoint is weights and configs, never code.
+            revision (`str`, *optional*): for a Hub repository, pin a commit hash so that what is loaded
+                cannot change under you (the demo refuses a Hub model without one).
         """
         path = resolve_checkpoint(pretrained_model_name_or_path)
+        check_safe_to_load(path, allow_pickle=allow_pickle, **kwargs)
+        kwargs.setdefault("use_safetensors", None if allow_pickle else True)
         pipe = super().from_pretrained(path, **kwargs)
         if path != pretrained_model_name_or_path:
             # Provenance names the model as the user did ("medm2g-tiny"), not a local folder.
             pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
         return pipe
+
     _callback_tensor_inputs = ["latents"]
     _optional_components = ["text_vae"]
 
@@ -148,6 +159,8 @@ class MedM2GPipeline(DiffusionPipeline):
         if isinstance(targets, str) or not isinstance(targets, (list, tuple)) or not targets:
             raise ValueError(f"targets must be a non-empty list of modality keys from {self.supported_targets()}; got {targets!r}")
         for target in targets:
+            if not isinstance(target, str):
+                raise ValueError(f"targets must be modality keys (strings) from {self.supported_targets()}; got {target!r}")
             get_modality(target, "targets")
             if target not in self.supported_targets():
                 raise ValueError(f"this checkpoint cannot generate {target!r}: targets must be from {self.supported_targets()}")
@@ -182,6 +195,11 @@ class MedM2GPipeline(DiffusionPipeline):
                 )
         if negative_prompt is not None and prompt is None:
             raise ValueError("negative_prompt needs a prompt")
+        if negative_prompt is not None and not (
+            isinstance(negative_prompt, str)
+            or (isinstance(negative_prompt, list) and negative_prompt and all(isinstance(p, str) for p in negative_prompt))
+        ):
+            raise ValueError(f"negative_prompt must be a string or a non-empty list of strings; got {type(negative_prompt).__name__}")
         given = (["text"] if prompt is not None else []) + list(conditions)
         for target in targets:
             refused = [key for key in given if key not in self.accepted_conditions(target)]
@@ -195,13 +213,19 @@ class MedM2GPipeline(DiffusionPipeline):
                 raise ValueError(f"{name} must be a positive multiple of {factor}; got {value!r}")
         if conditions and (height, width) != (self.image_size, self.image_size) and (height or width):
             raise ValueError(f"with image conditions, height and width must be this checkpoint's {self.image_size}; got {height}x{width}")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer; got {num_inference_steps!r}")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        # bool is an int subclass: True would silently mean 1. The top: DDIM with steps_offset 1 indexes past
+        # its last training step at num_inference_steps == num_train_timesteps.
+        config = self.scheduler.config
+        max_steps = (config.get("num_train_timesteps") or 10**9) - (config.get("steps_offset") or 0)
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= max_steps:
+            raise ValueError(f"num_inference_steps must be an integer in [1, {max_steps}] (this scheduler's training steps); got {num_inference_steps!r}")
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be a positive integer; got {num_images_per_prompt!r}")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0; got {guidance_scale}")
-        if output_type not in OUTPUT_TYPES:
+        # A Python number (np.float64 is one): it is also recorded in the JSON provenance.
+        if (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float))
+                or not np.isfinite(guidance_scale) or guidance_scale < 0):
+            raise ValueError(f"guidance_scale must be a finite Python int or float >= 0; got {guidance_scale!r}")
+        if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
         if latents is not None and (not isinstance(latents, dict) or set(latents) - set(targets)):
             raise ValueError(f"latents must be a dict keyed by targets {list(targets)}; got {type(latents).__name__}")
@@ -233,6 +257,8 @@ class MedM2GPipeline(DiffusionPipeline):
                 values = np.asarray(image, dtype=np.float32) / 65535.0
             elif image.mode == "F":
                 values = np.asarray(image, dtype=np.float32)
+                if not np.isfinite(values).all():
+                    raise ValueError(f"conditions[{key!r}] has NaN or infinite values")
             else:
                 raise ValueError(
                     f"conditions[{key!r}] must be a single-channel (greyscale) image; got PIL mode {image.mode!r} "
@@ -240,7 +266,14 @@ class MedM2GPipeline(DiffusionPipeline):
                 )
             model = torch.from_numpy(np.clip(values, 0.0, 1.0) * 2.0 - 1.0)[None, None]
         elif isinstance(image, (np.ndarray, torch.Tensor)):
-            tensor = torch.as_tensor(np.asarray(image) if isinstance(image, np.ndarray) else image.detach().cpu()).float()
+            # Real numbers only: complex values would lose their imaginary part, objects/strings cannot convert.
+            if isinstance(image, np.ndarray) and image.dtype.kind not in "biuf":
+                raise ValueError(f"conditions[{key!r}] must hold real numbers; got dtype {image.dtype}")
+            if isinstance(image, torch.Tensor) and (image.is_complex() or image.is_quantized):
+                raise ValueError(f"conditions[{key!r}] must hold real numbers; got dtype {image.dtype}")
+            # float64 first, so that NaN/inf is told apart from finite values that overflow float32.
+            tensor = (torch.from_numpy(np.array(image, dtype=np.float64)) if isinstance(image, np.ndarray)
+                      else image.detach().cpu().to(torch.float64))
             if tensor.ndim == 2:
                 tensor = tensor[None, None]
             elif tensor.ndim == 3 and tensor.shape[0] == 1:
@@ -250,9 +283,16 @@ class MedM2GPipeline(DiffusionPipeline):
                     f"conditions[{key!r}] must have shape (H, W), (1, H, W) or (batch, 1, H, W) with one channel; "
                     f"got {tuple(tensor.shape)}"
                 )
+            if tensor.numel() == 0:
+                raise ValueError(f"conditions[{key!r}] is empty; got shape {tuple(tensor.shape)}")
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"conditions[{key!r}] has NaN or infinite values")
+            tensor = tensor.float()
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"conditions[{key!r}] has values beyond the float32 range")
             model = to_model_range(tensor, key)
+            if not torch.isfinite(model).all():  # e.g. MRI percentile scaling of values near the float32 limit
+                raise ValueError(f"conditions[{key!r}] has values too large to scale to the model range")
         else:
             raise ValueError(f"conditions[{key!r}] must be a PIL image, a NumPy array or a torch tensor; got {type(image).__name__}")
         if model.shape[-2:] != (size, size):
@@ -342,6 +382,7 @@ class MedM2GPipeline(DiffusionPipeline):
         cross_guidance_scale: float = 1.0,
         ct_in_hu: bool = False,
         max_new_tokens: int = 160,
+        batch_invariant: bool = False,
     ):
         r"""
         Generates ``targets`` from a report and/or images.
@@ -371,6 +412,10 @@ class MedM2GPipeline(DiffusionPipeline):
             cross_guidance_scale (`float`, defaults to 1.0): weight of the θ_c coupling between joint targets.
             ct_in_hu (`bool`, defaults to `False`): return CT in Hounsfield units (``np``/``pt`` outputs).
             max_new_tokens (`int`, defaults to 160): longest generated report, in tokens.
+            batch_invariant (`bool`, defaults to `False`): generate the samples of a batch one by one, so that a
+                sample is bit-identical whatever else is in the batch (with one generator per sample). A batched
+                call differs from a one-sample call by float rounding only (about 2e-5 in `[0, 1]`: BLAS kernels
+                depend on the number of rows), at a fraction of the time. The callback then sees one sample at a time.
 
         Examples:
 
@@ -383,6 +428,14 @@ class MedM2GPipeline(DiffusionPipeline):
             prompt, conditions, targets, negative_prompt, height, width, num_inference_steps, guidance_scale,
             num_images_per_prompt, output_type, latents, max_text_tokens, callback_on_step_end_tensor_inputs,
         )
+        if batch_invariant:
+            return self._generate_one_by_one(
+                prompt, conditions, negative_prompt, num_images_per_prompt, generator, latents, return_dict,
+                dict(targets=targets, height=height, width=width, num_inference_steps=num_inference_steps,
+                     guidance_scale=guidance_scale, eta=eta, output_type=output_type, callback_on_step_end=callback_on_step_end,
+                     callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, max_text_tokens=max_text_tokens,
+                     cross_guidance_scale=cross_guidance_scale, ct_in_hu=ct_in_hu, max_new_tokens=max_new_tokens),
+            )
         conditions = dict(conditions or {})
         prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
         height = height or self.image_size
@@ -495,3 +548,45 @@ class MedM2GPipeline(DiffusionPipeline):
         if not return_dict:
             return images, text, provenance
         return MedM2GPipelineOutput(images=images, text=text, provenance=provenance)
+
+    def _generate_one_by_one(self, prompt, conditions, negative_prompt, num_images_per_prompt, generator, latents, return_dict, call):
+        """``batch_invariant=True``: one call per sample, each with that sample's prompt, conditions, generator and
+        initial noise, and the outputs joined in order (BLAS results depend on how many rows a matmul has)."""
+        prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
+        conditions = {key: self._condition_rows(image) for key, image in (conditions or {}).items()}
+        batch = len(prompts) if prompts else len(next(iter(conditions.values())))
+        negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else negative_prompt
+        total = batch * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != total:
+            raise ValueError(f"generator is a list of {len(generator)}; pass one per sample ({total})")
+        rows = []
+        for index in range(total):
+            source = index // num_images_per_prompt
+            rows.append(self(
+                prompt=[prompts[source]] if prompts else None,
+                conditions={key: images[source] for key, images in conditions.items()} or None,
+                negative_prompt=None if negatives is None else [negatives[source]],
+                generator=generator[index] if isinstance(generator, list) else generator,
+                latents={target: z[index : index + 1] for target, z in (latents or {}).items()} or None,
+                num_images_per_prompt=1, return_dict=True, batch_invariant=False, **call,
+            ))
+        images = {}
+        for target in rows[0].images:
+            parts = [row.images[target] for row in rows]
+            images[target] = (sum(parts, []) if isinstance(parts[0], list) else
+                              np.concatenate(parts) if isinstance(parts[0], np.ndarray) else torch.cat(parts))
+        text = sum((row.text for row in rows), []) if rows[0].text is not None else None
+        provenance = rows[0].provenance
+        if not return_dict:
+            return images, text, provenance
+        return MedM2GPipelineOutput(images=images, text=text, provenance=provenance)
+
+    @staticmethod
+    def _condition_rows(image: ImageInput) -> list:
+        """A condition as one input per sample (a batch array or a list is split; one image is one sample)."""
+        if isinstance(image, (list, tuple)):
+            return [row for item in image for row in MedM2GPipeline._condition_rows(item)]
+        if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4:
+            return [image[i : i + 1] for i in range(image.shape[0])]
+        return [image]
+

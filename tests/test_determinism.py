@@ -1,0 +1,100 @@
+"""The same seed gives the same output: across calls, across processes, and (``batch_invariant=True``) whatever
+else is in the batch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny_pipeline import get_dummy_components
+
+from medm2g_diffusers import MedM2GPipeline
+
+A = "FINDINGS: Large left pleural effusion. IMPRESSION: Effusion."
+B = "FINDINGS: Cardiomegaly. No effusion. IMPRESSION: Enlarged heart."
+C = "FINDINGS: Normal chest."
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipeline = MedM2GPipeline(**get_dummy_components())
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def seeds(*values):
+    return [torch.Generator().manual_seed(v) for v in values]
+
+
+def test_same_seed_same_output_in_one_process(pipe):
+    calls = [pipe(prompt=[A, B], targets=["xray", "ct"], generator=seeds(1, 2), num_inference_steps=3, output_type="np") for _ in range(2)]
+    for target in ("xray", "ct"):
+        assert np.array_equal(calls[0].images[target], calls[1].images[target])
+    xray = calls[0].images["xray"][:, None]
+    reports = [pipe(conditions={"xray": xray}, targets=["text"], generator=seeds(3, 4), num_inference_steps=3).text for _ in range(2)]
+    assert reports[0] == reports[1]
+    other = pipe(prompt=[A, B], targets=["xray", "ct"], generator=seeds(1, 5), num_inference_steps=3, output_type="np")
+    assert not np.array_equal(other.images["xray"][1], calls[0].images["xray"][1])  # the seed matters
+
+
+SCRIPT = """
+import sys, numpy as np, torch
+sys.path.insert(0, {tests!r})
+from tiny_pipeline import get_dummy_components
+from medm2g_diffusers import MedM2GPipeline
+pipe = MedM2GPipeline(**get_dummy_components())
+pipe.set_progress_bar_config(disable=True)
+out = pipe(prompt={prompt!r}, targets=["xray", "mri_t2"], generator=torch.Generator().manual_seed(7), num_inference_steps=3, output_type="np")
+np.savez(sys.argv[1], **out.images)
+"""
+
+
+def test_same_seed_same_output_across_processes(pipe, tmp_path):
+    """A fresh interpreter (new allocator state, new thread pool) reproduces this process's output bit for bit."""
+    path = tmp_path / "other_process.npz"
+    subprocess.run([sys.executable, "-c", SCRIPT.format(tests=str(Path(__file__).parent), prompt=A), str(path)], check=True, timeout=240)
+    here = pipe(prompt=A, targets=["xray", "mri_t2"], generator=torch.Generator().manual_seed(7), num_inference_steps=3, output_type="np")
+    there = np.load(path)
+    for target in ("xray", "mri_t2"):
+        assert np.array_equal(here.images[target], there[target])
+
+
+@pytest.mark.parametrize("targets", [["xray"], ["xray", "ct"]])
+def test_batch_invariant_sample_does_not_depend_on_the_rest_of_the_batch(pipe, targets):
+    kwargs = dict(targets=targets, num_inference_steps=3, output_type="np", batch_invariant=True)
+    alone = pipe(prompt=[B], generator=seeds(2), **kwargs)
+    first = pipe(prompt=[B, A], generator=seeds(2, 1), **kwargs)
+    last = pipe(prompt=[A, C, B], generator=seeds(1, 3, 2), **kwargs)
+    repeated = pipe(prompt=[A, B], generator=seeds(1, 8, 9, 2), num_images_per_prompt=2, **kwargs)
+    for target in targets:
+        reference = alone.images[target][0]
+        assert first.images[target].shape[0] == 2 and last.images[target].shape[0] == 3 and repeated.images[target].shape[0] == 4
+        for other in (first.images[target][0], last.images[target][2], repeated.images[target][3]):
+            assert np.array_equal(reference, other)
+
+
+def test_batch_invariant_image_conditions_and_reports(pipe):
+    images = pipe(prompt=[A, B], targets=["ct"], generator=seeds(1, 2), num_inference_steps=3, output_type="np", ct_in_hu=True).images["ct"]
+    kwargs = dict(targets=["text", "xray"], num_inference_steps=3, output_type="np", batch_invariant=True)
+    batched = pipe(conditions={"ct": images[:, None]}, generator=seeds(4, 5), **kwargs)
+    alone = pipe(conditions={"ct": images[1]}, generator=seeds(5), **kwargs)
+    assert batched.text[1] == alone.text[0]
+    assert np.array_equal(batched.images["xray"][1], alone.images["xray"][0])
+
+
+def test_batch_invariant_pil_and_tuple_outputs(pipe):
+    kwargs = dict(targets=["xray"], num_inference_steps=2, batch_invariant=True)
+    pil = pipe(prompt=[A, B], generator=seeds(1, 2), **kwargs)
+    assert len(pil.images["xray"]) == 2 and pil.images["xray"][0].info  # provenance kept per image
+    images, text, provenance = pipe(prompt=[A, B], generator=seeds(1, 2), return_dict=False, **kwargs)
+    assert text is None and provenance["xray"]["modality"] == "xray"
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images["xray"], pil.images["xray"]))
+
+
+def test_batch_invariant_checks_the_generator_list(pipe):
+    with pytest.raises(ValueError, match="generator"):
+        pipe(prompt=[A, B], targets=["xray"], generator=seeds(1), num_inference_steps=2, batch_invariant=True)
