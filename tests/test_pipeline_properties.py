@@ -340,3 +340,10 @@ def test_inputs_found_by_the_properties_are_named_value_errors(pipe, name):
     kwargs = {"targets": ["xray"], "num_inference_steps": 1, "output_type": "np", **kwargs}
     with pytest.raises(ValueError, match=match):
         pipe(**kwargs)
+
+
+@pytest.mark.parametrize("generator", [5, "seed", [torch.Generator(), 3], np.random.default_rng(0)])
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_a_generator_that_is_not_a_torch_generator_is_a_named_error(pipe, generator, batch_invariant):
+    with pytest.raises(ValueError, match="generator must be a torch.Generator"):
+        pipe(prompt="Effusion.", targets=["xray"], num_inference_steps=1, generator=generator, batch_invariant=batch_invariant)

@@ -428,6 +428,10 @@ class MedM2GPipeline(DiffusionPipeline):
             prompt, conditions, targets, negative_prompt, height, width, num_inference_steps, guidance_scale,
             num_images_per_prompt, output_type, latents, max_text_tokens, callback_on_step_end_tensor_inputs,
         )
+        if generator is not None and not isinstance(generator, torch.Generator) and not (
+            isinstance(generator, list) and all(isinstance(g, torch.Generator) for g in generator)
+        ):
+            raise ValueError(f"generator must be a torch.Generator or a list of them, one per sample; got {type(generator).__name__}")
         if batch_invariant:
             return self._generate_one_by_one(
                 prompt, conditions, negative_prompt, num_images_per_prompt, generator, latents, return_dict,
