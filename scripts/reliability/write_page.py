@@ -160,7 +160,7 @@ def rows(results: Path) -> list[tuple[str, str, str, str, str]]:
          "and with `num_images_per_prompt=2`, for text -> image, joint targets, image -> report/image, PIL/np/tuple outputs",
          outcome(tests, "test_determinism.py"),
          "bit-identical across calls and processes; with `batch_invariant=True` bit-identical whatever else is in "
-         "the batch (batched default: ~2e-5 rounding)",
+         "the batch (batched default: ~1e-5 rounding, `benchmarks/batch_rounding.py`)",
          "`pytest tests/test_determinism.py`"),
     ]
 

@@ -414,8 +414,9 @@ class MedM2GPipeline(DiffusionPipeline):
             max_new_tokens (`int`, defaults to 160): longest generated report, in tokens.
             batch_invariant (`bool`, defaults to `False`): generate the samples of a batch one by one, so that a
                 sample is bit-identical whatever else is in the batch (with one generator per sample). A batched
-                call differs from a one-sample call by float rounding only (about 2e-5 in `[0, 1]`: BLAS kernels
-                depend on the number of rows), at a fraction of the time. The callback then sees one sample at a time.
+                call differs from a one-sample call by float rounding only (about 1e-5 in `[0, 1]`, see
+                `benchmarks/batch_rounding.py`; BLAS kernels depend on the number of rows), at a fraction of the
+                time. The callback then sees one sample at a time.
 
         Examples:
 
