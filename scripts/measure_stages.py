@@ -33,9 +33,9 @@ from transformers import PreTrainedTokenizerFast
 
 from medm2g_diffusers.data.datasets import load_medm2g_dataset
 from medm2g_diffusers.data.io import write_png
-from medm2g_diffusers.data.phantoms import PhantomGenerator
+from medm2g_diffusers.data.phantoms import MODALITY_KEYS as PHANTOM_KEYS, PhantomGenerator
 from medm2g_diffusers.data.preview import montage
-from medm2g_diffusers.modalities import from_model_range, get_modality, image_modality_keys, to_model_range
+from medm2g_diffusers.modalities import from_model_range, get_modality, to_model_range
 from medm2g_diffusers.models.prompt_encoders import MedM2GPromptEncoders
 from medm2g_diffusers.models.text_unet import MedM2GTextUNet
 from medm2g_diffusers.models.text_vae import MedM2GTextVAE
@@ -97,7 +97,7 @@ def metrics(prediction: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
 @torch.no_grad()
 def measure_image_vae(vae, dataset, size: int, limit: int) -> dict[str, dict[str, float]]:
     results = {}
-    for key in image_modality_keys():
+    for key in PHANTOM_KEYS:  # the modalities phantoms render (not mri_t1c)
         images, ids = test_images(dataset["test"], key, limit)
         clean = noiseless(ids, key, size)
         x = model_range(images, key)
@@ -149,7 +149,7 @@ def text_to_image_montage(root: Path, dataset, components, args, path: Path) -> 
     samples = []
     for row in rows:
         samples.append({"real": row})
-    for key in image_modality_keys():
+    for key in PHANTOM_KEYS:
         family = get_modality(key).family
         unet = components.get(f"unet_{family}")
         if unet is None:

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from medm2g_diffusers.data.datasets import has_image, load_medm2g_dataset
+from medm2g_diffusers.data.phantoms import MODALITY_KEYS as PHANTOM_KEYS
 from medm2g_diffusers.evaluation.finding_classifier import classifier_metrics, default_finding_types, finding_examples
 from medm2g_diffusers.evaluation.train_finding_classifier import train_finding_classifier
-from medm2g_diffusers.modalities import image_modality_keys
 from medm2g_diffusers.training_utils import atomic_save_pretrained
 
 
@@ -36,7 +36,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="runs/tiny/phantoms", help="a DatasetDict from `medm2g phantoms`")
     parser.add_argument("--out", default="runs/tiny/finding_classifiers")
-    parser.add_argument("--modalities", nargs="+", default=image_modality_keys(), choices=image_modality_keys())
+    parser.add_argument("--modalities", nargs="+", default=list(PHANTOM_KEYS), choices=list(PHANTOM_KEYS))
     parser.add_argument("--steps", type=int, default=2000, help="about 3 min per modality on one 2020s CPU thread")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)

@@ -6,10 +6,11 @@ from medm2g_diffusers import modalities as M
 
 
 def test_registry_keys_and_families():
-    assert M.modality_keys() == ["text", "xray", "ct", "mri_t1", "mri_t2", "mri_pd", "mri_flair"]
+    assert M.modality_keys() == ["text", "xray", "ct", "mri_t1", "mri_t2", "mri_pd", "mri_flair", "mri_t1c"]
     assert M.family_keys() == ["text", "xray", "ct", "mri"]
-    assert M.modalities_of_family("mri") == ["mri_t1", "mri_t2", "mri_pd", "mri_flair"]
-    assert [M.get_modality(k).contrast_index for k in M.modalities_of_family("mri")] == [0, 1, 2, 3]
+    assert M.modalities_of_family("mri") == ["mri_t1", "mri_t2", "mri_pd", "mri_flair", "mri_t1c"]
+    # T1c comes last, so checkpoints trained on the four phantom contrasts keep their contrast indices.
+    assert [M.get_modality(k).contrast_index for k in M.modalities_of_family("mri")] == [0, 1, 2, 3, 4]
     assert "text" not in M.image_modality_keys()
 
 

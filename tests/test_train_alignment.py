@@ -51,6 +51,7 @@ def make_dataset(path: Path, n: int = 24) -> Path:
             rows["ct"].append(base * 800)
             for j, key in enumerate(("mri_t1", "mri_t2", "mri_pd", "mri_flair")):
                 rows[key].append(base * (j + 1) + 5)
+            rows["mri_t1c"].append(None)  # a contrast these encoders (num_contrasts 4) do not know
         splits[split] = Dataset.from_dict(rows, features=canonical_features(SIZE))
     DatasetDict(splits).save_to_disk(str(path))
     return path

@@ -336,7 +336,7 @@ def alignment_step(
     holds the float value of each term for logging.
     """
     unwrapped = model.module if hasattr(model, "module") else model
-    mri_keys = modalities_of_family("mri")
+    mri_keys = unwrapped.modality_keys("mri") if "mri" in unwrapped.families else modalities_of_family("mri")
     contrast_key = mri_keys[int(torch.randint(len(mri_keys), (1,), generator=generator))]
     families = list(dict.fromkeys(f for pair in round_["pairs"] for f in pair))
     batch_size = len(indices)
@@ -413,7 +413,7 @@ def compute_embeddings(
     out: dict[str, list[tuple[np.ndarray, torch.Tensor]]] = {}
     n = len(data)
     for family in families:
-        keys = ["text"] if family == TEXT_FAMILY else modalities_of_family(family)
+        keys = ["text"] if family == TEXT_FAMILY else model.modality_keys(family)
         out[family] = []
         for key in keys:
             present = data.present[key]

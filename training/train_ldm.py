@@ -236,7 +236,8 @@ def build_unet(family: str, cfg: dict[str, Any], components: dict[str, Any], sam
         )
     vae = components["vae"]
     downsample = 2 ** (len(vae.config.block_out_channels) - 1)
-    num_contrasts = len(modalities_of_family(family))
+    # The contrasts the prompt encoders know (mri: T1/T2/PD/FLAIR in tiny.yaml), not every registered one.
+    num_contrasts = len(components["prompt_encoders"].modality_keys(family)) if family in components["prompt_encoders"].families else 1
     return build_image_unet(
         sample_size=sample_size // downsample,
         latent_channels=vae.config.latent_channels,

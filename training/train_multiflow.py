@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +49,16 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
 from medm2g_diffusers.data.datasets import load_medm2g_dataset
-from medm2g_diffusers.modalities import get_modality, image_modality_keys, modalities_of_family, to_model_range
+from medm2g_diffusers.latent_cache import (
+    EncodedSplit,
+    all_present,
+    composite_condition,
+    draw_latent,
+    encode_split,
+    null_condition,
+    report_condition,
+)
+from medm2g_diffusers.modalities import get_modality, image_modality_keys, modalities_of_family
 from medm2g_diffusers.models.multiflow import MedM2GMultiFlowModel, is_text_family
 from medm2g_diffusers.models.prompt_encoders import MedM2GPromptEncoders
 from medm2g_diffusers.models.text_unet import MedM2GTextUNet
@@ -76,7 +84,6 @@ logger = logging.getLogger(__name__)
 SECTION = "multiflow"
 ROUND_KINDS = ("joint", "translation")
 IMAGE_CONDITIONING = ("concat", "attention")
-ENCODE_CHUNK = 128
 VALIDATION_TIMESTEPS = (100, 500, 900)
 
 
@@ -123,76 +130,6 @@ def build_rounds(cfg: dict[str, Any], max_train_steps: int | None) -> list[dict[
 # ------------------------------------------------------------------------------------------------ data
 
 
-@dataclass
-class EncodedSplit:
-    """Frozen-encoder outputs for every row of a split (missing modalities are zeros with ``present`` False).
-
-    latent_mean, latent_std: key -> `(n, C, h, w)`, scaled by the VAE's factor; ``"text"`` -> `(n, D, 1, 1)`
-    (std 0). tokens: key -> `(n, N, d)` prompt-encoder tokens; text_mask `(n, L)` masks the report tokens.
-    """
-
-    present: dict[str, torch.Tensor]
-    latent_mean: dict[str, torch.Tensor]
-    latent_std: dict[str, torch.Tensor]
-    tokens: dict[str, torch.Tensor]
-    text_mask: torch.Tensor
-
-    @property
-    def num_rows(self) -> int:
-        return len(self.text_mask)
-
-
-def _present(split, key: str) -> np.ndarray:
-    return ~np.asarray(split.data.column(key).is_null().to_numpy(zero_copy_only=False))
-
-
-@torch.no_grad()
-def encode_split(split, components: dict[str, Any], keys: list[str], max_text_tokens: int, device) -> EncodedSplit:
-    """Runs the VAE, text VAE and prompt encoders once over ``split`` (the training cache)."""
-    vae, text_vae = components["vae"], components["text_vae"]
-    prompt_encoders, tokenizer = components["prompt_encoders"], components["tokenizer"]
-    n = split.num_rows
-    present = {key: torch.from_numpy(_present(split, key)) for key in keys}
-    present["text"] = torch.from_numpy(_present(split, "report"))
-    mean, std, tokens = {}, {}, {}
-    reports = [r or "" for r in split["report"]]
-    numpy_split = split.with_format("numpy")
-    text_tokens, text_masks, text_latents = [], [], []
-    for start in range(0, n, ENCODE_CHUNK):
-        rows = list(range(start, min(n, start + ENCODE_CHUNK)))
-        batch = tokenizer([reports[r] for r in rows], padding="max_length", truncation=True, max_length=max_text_tokens, return_tensors="pt")
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        text_tokens.append(prompt_encoders.encode("text", {"input_ids": ids, "attention_mask": mask}).tokens.cpu())
-        text_masks.append(mask.cpu())
-        vae_batch = tokenizer([reports[r] for r in rows], padding="longest", truncation=True,
-                              max_length=text_vae.config.max_position_embeddings, return_tensors="pt")
-        latent = text_vae.encode(vae_batch["input_ids"].to(device), vae_batch["attention_mask"].to(device)).latent
-        text_latents.append((latent * text_vae.config.scaling_factor)[:, :, None, None].cpu())
-    tokens["text"], text_mask = torch.cat(text_tokens), torch.cat(text_masks)
-    mean["text"] = torch.cat(text_latents)
-    std["text"] = torch.zeros_like(mean["text"])
-    for key in keys:
-        rows = np.flatnonzero(present[key].numpy())
-        parts_mean, parts_std, parts_tokens = [], [], []
-        for start in range(0, len(rows), ENCODE_CHUNK):
-            chunk = rows[start : start + ENCODE_CHUNK].tolist()
-            native = torch.from_numpy(np.asarray(numpy_split.select(chunk)[key], dtype=np.float32))
-            images = to_model_range(native, key).unsqueeze(1).to(device)
-            posterior = vae.encode(images).latent_dist
-            parts_mean.append((posterior.mean * vae.config.scaling_factor).cpu())
-            parts_std.append((posterior.std * vae.config.scaling_factor).cpu())
-            parts_tokens.append(prompt_encoders.encode(key, images).tokens.cpu())
-        if not len(rows):
-            continue
-        first_mean, first_tokens = parts_mean[0], parts_tokens[0]
-        mean[key] = first_mean.new_zeros((n, *first_mean.shape[1:]))
-        std[key] = torch.zeros_like(mean[key])
-        tokens[key] = first_tokens.new_zeros((n, *first_tokens.shape[1:]))
-        index = torch.from_numpy(rows)
-        mean[key][index], std[key][index], tokens[key][index] = torch.cat(parts_mean), torch.cat(parts_std), torch.cat(parts_tokens)
-    return EncodedSplit(present, mean, std, tokens, text_mask)
-
-
 def round_rows(data: EncodedSplit, round_: dict[str, Any], model: MedM2GMultiFlowModel) -> np.ndarray:
     """Rows a round can train on: every stream present (joint), or the target present (translation)."""
     if round_["kind"] == "joint":
@@ -204,13 +141,6 @@ def round_rows(data: EncodedSplit, round_: dict[str, Any], model: MedM2GMultiFlo
             any_source = torch.stack([data.present[k] for k in sources]).any(0) if sources else torch.zeros(data.num_rows, dtype=torch.bool)
             return np.flatnonzero((all_present(data, needed) & any_source).numpy())
     return np.flatnonzero(all_present(data, needed).numpy())
-
-
-def all_present(data: EncodedSplit, keys: list[str]) -> torch.Tensor:
-    present = torch.ones(data.num_rows, dtype=torch.bool)
-    for key in keys:
-        present &= data.present.get(key, torch.zeros(data.num_rows, dtype=torch.bool))
-    return present
 
 
 def round_sources(round_: dict[str, Any], model: MedM2GMultiFlowModel) -> list[str]:
@@ -228,36 +158,11 @@ def round_sources(round_: dict[str, Any], model: MedM2GMultiFlowModel) -> list[s
 # ------------------------------------------------------------------------------------------------ steps
 
 
-def stream_key(family: str, rows: torch.Tensor, generator: torch.Generator) -> str:
-    """The modality a family is denoised as in a step: MRI draws one contrast for the whole batch."""
-    keys = modalities_of_family(family)
+def stream_key(model: MedM2GMultiFlowModel, family: str, generator: torch.Generator) -> str:
+    """The modality a family is denoised as in a step: MRI draws one of the contrasts its denoiser knows for the
+    whole batch."""
+    keys = (model.module if hasattr(model, "module") else model).modality_keys(family)
     return keys[int(torch.randint(len(keys), (1,), generator=generator))] if len(keys) > 1 else keys[0]
-
-
-def draw_latent(data: EncodedSplit, key: str, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A sample of the VAE posterior (exactly what an uncached step would encode)."""
-    mean, std = data.latent_mean[key][rows], data.latent_std[key][rows]
-    return mean + std * torch.randn(mean.shape, generator=generator)
-
-
-def null_condition(batch: int, dim: int) -> Condition:
-    return Condition(torch.zeros(batch, 1, dim), torch.ones(batch, 1, dtype=torch.long))
-
-
-def report_condition(data: EncodedSplit, rows: torch.Tensor, keep: torch.Tensor) -> Condition:
-    """The report tokens, dropped to the null condition where ``keep`` is False (or the row has no report)."""
-    keep = keep & data.present["text"][rows]
-    return Condition(data.tokens["text"][rows], data.text_mask[rows]).drop(keep)
-
-
-def composite_condition(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> Condition:
-    """Concatenates ``(tokens, mask)`` parts along the tokens; a row with nothing left gets the null condition
-    (one zero token, unmasked), as in single-flow training."""
-    tokens = torch.cat([t * m.unsqueeze(-1).to(t.dtype) for t, m in parts], dim=1)
-    mask = torch.cat([m.long() for _, m in parts], dim=1)
-    empty = mask.sum(1) == 0
-    mask[empty, 0] = 1
-    return Condition(tokens, mask)
 
 
 def joint_step(model, data, rows, round_, cfg, noise_scheduler, generator, device, cross_guidance_scale: float = 1.0):
@@ -265,7 +170,7 @@ def joint_step(model, data, rows, round_, cfg, noise_scheduler, generator, devic
     batch, dim = len(rows), data.tokens["text"].shape[-1]
     latents, targets, timesteps, conditions = {}, {}, {}, {}
     for family in round_["streams"]:
-        key = "text" if family == "text" else stream_key(family, rows, generator)
+        key = "text" if family == "text" else stream_key(model, family, generator)
         clean = draw_latent(data, key, rows, generator)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator)
         noise = torch.randn(clean.shape, generator=generator)
@@ -287,7 +192,7 @@ def translation_step(model, data, rows, round_, cfg, noise_scheduler, generator,
     """One image -> image step for the round's target; returns ``(loss, {target key: loss})``."""
     unwrapped = model.module if hasattr(model, "module") else model
     family, batch = round_["target"], len(rows)
-    key = stream_key(family, rows, generator)
+    key = stream_key(unwrapped, family, generator)
     clean = draw_latent(data, key, rows, generator)
     sources = [s for s in round_sources(round_, unwrapped) if s != key and s in data.latent_mean]
     concat = bool(unwrapped.source_slots_of(family))

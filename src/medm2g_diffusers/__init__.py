@@ -16,7 +16,7 @@ from .models import (  # noqa: E402
     MedM2GTextUNet,
     MedM2GTextVAE,
 )
-from .pipelines import MedM2GPipeline, MedM2GPipelineOutput  # noqa: E402
+from .pipelines import MedM2GPipeline, MedM2GPipelineOutput, MedM2GRegressionPipeline  # noqa: E402
 
 __all__ = [
     "ContextEncoder",
@@ -24,6 +24,7 @@ __all__ = [
     "MedM2GPipeline",
     "MedM2GPipelineOutput",
     "MedM2GPromptEncoders",
+    "MedM2GRegressionPipeline",
     "MedM2GTextUNet",
     "MedM2GTextVAE",
 ]

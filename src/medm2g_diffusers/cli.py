@@ -42,6 +42,40 @@ def _window(text: str) -> tuple[float, float]:
     return low, high
 
 
+def _translation(text: str) -> tuple[str, list[str], str]:
+    from .evaluation.benchmark import parse_translation
+
+    try:
+        return parse_translation(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _fractions(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or any(v < 0 for v in values) or abs(sum(values) - 1.0) > 1e-6:
+        raise argparse.ArgumentTypeError(f"expected three non-negative numbers TRAIN,VAL,TEST summing to 1, got {text!r}")
+    return values
+
+
+PREPARE_EXAMPLES = r"""examples (scripts/real_data/prepare_all.sh, on ../shared/data; each writes prepare_info.json beside the dataset):
+  # Harvard CT-MRI: CT/ and MRI/ pair by file name, patient = series; series 2 is FLAIR, not T2: left out
+  medm2g prepare --images harvard-ct-mri --modality-map MRI=mri_t2 --patient-regex '^(\d+)\d{3}$' \
+      --exclude-patients 2 --validation-patients 16 --test-patients 32 --split-fractions 1,0,0 --size 64 --out OUT
+  # BraTS / TCGA subjects: every 2nd axial slice that is >= 10 % brain in all contrasts; one subject validates
+  medm2g prepare --images brain-mri-multicontrast --layout subjects --nifti-slices 0:155:2 --min-foreground 0.1 \
+      --validation-patients TCGA-DU-7294 --split-fractions 1,0,0 --size 64 --out OUT
+  # COVID chest X-rays with their case notes cleaned of boilerplate; CT rows dropped; hash split by patient
+  medm2g prepare --images covid-chestxray --reports covid-chestxray/metadata.csv \
+      --csv-columns report=clinical_notes,patient_id=patientid --modalities xray --clean-notes --size 64 --out OUT
+  # SynthRAD CT: captions from file names (scripts/real_data/synthrad_captions.py); 8-bit fits [-1000, 2000] HU
+  medm2g prepare --images synthrad-ct-slices --reports captions.csv --png-ct-window=-1000,2000 \
+      --validation-patients 1BB007 1PA009 --test-patients 1BB002 1PA030 --split-fractions 1,0,0 --size 64 --out OUT
+"""
+
 REVISION_HELP = "the commit hash to load a Hub repository --model at (required for Hub models, refused for local ones)"
 FORMAT_SUFFIX = {"png": ".png", "dicom": ".dcm", "nifti": ".nii.gz"}
 
@@ -65,16 +99,41 @@ HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 
 
+def local_pipeline_class(folder: str | Path) -> str | None:
+    """The ``_class_name`` of a local pipeline folder's ``model_index.json`` (None without one)."""
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
+        return None
+    try:
+        return json.loads(index.read_text()).get("_class_name")
+    except (ValueError, AttributeError) as error:
+        raise ValueError(f"{index} is not a JSON object: {error}") from None
+
+
 def load_pipeline(model: str, revision: str | None = None):
-    """The pipeline a command's --model names: a bundled checkpoint's name, a local folder, or a Hub
-    repository pinned to a commit (``revision``), so what a run loads cannot change under it."""
+    """The pipeline a command's --model (or --baseline) names: a bundled checkpoint's name, a local folder, or a
+    Hub repository pinned to a commit (``revision``), so what a run loads cannot change under it.
+
+    A local folder whose ``model_index.json`` names ``MedM2GRegressionPipeline`` (``training/train_regression_baseline.py``)
+    loads as that class; a LoRA adapter folder (``training/finetune_lora.py``) loads onto the base model its
+    ``medm2g_lora.json`` names; every other one as a `MedM2GPipeline`. All refuse pickle weights."""
     from .checkpoints import BUNDLED_CHECKPOINTS, resolve_checkpoint
-    from .pipelines import MedM2GPipeline
+    from .loaders import is_lora_folder, read_lora_metadata
+    from .pipelines import MedM2GPipeline, MedM2GRegressionPipeline
 
     if model in BUNDLED_CHECKPOINTS or Path(model).is_dir():
         if revision is not None:
             raise ValueError(f"--revision applies to Hub repositories only; {model!r} is local")
-        resolve_checkpoint(model)  # a clear error when the bundled folder is missing
+        folder = resolve_checkpoint(model)  # a clear error when the bundled folder is missing
+        if is_lora_folder(folder):
+            base = read_lora_metadata(folder).get("base_model")
+            if not base or Path(base).resolve() == Path(folder).resolve() or is_lora_folder(resolve_checkpoint(base)):
+                raise ValueError(f"the LoRA adapter {model!r} names no usable base model ({base!r}) in its medm2g_lora.json")
+            pipe = load_pipeline(base)
+            pipe.load_lora_weights(folder)
+            return pipe
+        if local_pipeline_class(folder) == MedM2GRegressionPipeline.__name__:
+            return MedM2GRegressionPipeline.from_pretrained(folder)
         return MedM2GPipeline.from_pretrained(model)
     if HUB_REPO_ID.fullmatch(model):
         if revision is None or not COMMIT_HASH.fullmatch(revision):
@@ -166,9 +225,9 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .data.datasets import CsvColumns, prepare_dataset, save_dataset, summarize
+    from .data.datasets import PREPARE_INFO, CsvColumns, prepare_dataset, save_dataset, summarize
 
-    dataset = prepare_dataset(
+    dataset, info = prepare_dataset(
         args.images,
         args.reports,
         size=args.size,
@@ -177,10 +236,23 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         csv_columns=CsvColumns.parse(args.csv_columns),
         patient_regex=args.patient_regex,
         png_ct_window=args.png_ct_window,
+        fractions=args.split_fractions,
+        layout=args.layout,
+        nifti_slices=args.nifti_slices,
+        min_foreground=args.min_foreground,
+        modalities=args.modalities,
+        clean_notes=args.clean_notes,
+        validation_patients=args.validation_patients,
+        test_patients=args.test_patients,
+        exclude_patients=args.exclude_patients,
+        return_info=True,
     )
-    save_dataset(dataset, args.out)
+    arguments = {key: value for key, value in vars(args).items() if key not in ("func", "remark")}
+    info = {"medm2g_version": __version__, "command": "medm2g prepare", "arguments": arguments,
+            "remarks": args.remark or [], **info}
+    save_dataset(dataset, args.out, info=info)
     print(json.dumps(summarize(dataset), indent=2))
-    print(f"wrote the dataset to {args.out}")
+    print(f"wrote the dataset to {args.out}, with {PREPARE_INFO}")
     return 0
 
 
@@ -208,7 +280,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = run_benchmark(pipe, args.name or Path(args.model).name, cfg, data=args.data, baselines=baselines,
-                            classifier_cache=args.classifiers or out / "finding_classifiers", tasks=args.tasks)
+                            classifier_cache=args.classifiers or out / "finding_classifiers", tasks=args.tasks,
+                            split=args.split, translations=args.translations)
     results["arguments"] = {k: v for k, v in vars(args).items() if k != "func"}
     save_results(results, out / "benchmark.json")
     tables = markdown_tables(results)
@@ -299,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help=REVISION_HELP)
     p.add_argument("--name", default=None, help="the model's name in the tables (default: the folder's or checkpoint's name)")
     p.add_argument("--baseline", type=_key_value, action="append", metavar="NAME=DIR",
-                   help="another pipeline scored on every task it supports, e.g. single_flow=runs/tiny/pipeline_single_flow (repeatable)")
+                   help="another pipeline scored on every task it supports, e.g. single_flow=runs/tiny/pipeline_single_flow or "
+                        "regression=runs/real/harvard_mri_to_ct/regression (repeatable)")
     p.add_argument("--data", default=None, help="a dataset folder (default: rebuild the held-out split of the 4,000 seed-0 phantoms)")
     p.add_argument("--out", default="outputs/evaluate", help="where benchmark.json, benchmark.md and the classifiers go")
     p.add_argument("--classifiers", default=None, help="finding-classifier folder to reuse (default: OUT/finding_classifiers)")
@@ -310,6 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
                    help="a subset of: report_generation text_to_image image_to_image joint augmentation (default: all)")
     p.add_argument("--text-to-image-targets", nargs="+", default=None, metavar="KEY", help="default: xray ct mri_t1 mri_t2")
+    p.add_argument("--split", choices=["test", "validation"], default="test",
+                   help="the held-out split of --data (or of the phantoms) to score (default: test)")
+    p.add_argument("--translations", type=_translation, action="append", metavar="SOURCES->TARGET",
+                   help="an image -> image task, e.g. mri_t1+mri_t2->mri_flair (repeatable; default: the phantom "
+                        "benchmark's, or with --data the ones its columns allow: see evaluation.benchmark.default_translations)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's choice)")
     p.set_defaults(func=cmd_evaluate)
 
@@ -321,18 +400,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview-rows", type=_positive_int, default=6, help="patients shown in preview.png")
     p.set_defaults(func=cmd_phantoms)
 
-    p = sub.add_parser("prepare", help="turn a folder of DICOM/NIfTI/PNG files (+ reports CSV) into a dataset")
+    p = sub.add_parser("prepare", help="turn a folder of DICOM/NIfTI/PNG files (+ reports CSV) into a dataset",
+                       epilog=PREPARE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", required=True, help="folder of images (modality sub-folders when no CSV is given)")
-    p.add_argument("--reports", default=None, help="CSV with columns file, modality, report, patient_id")
+    p.add_argument("--reports", default=None, help="CSV with columns file, modality, report, patient_id (, anatomy)")
     p.add_argument("--csv-columns", default=None, help="rename CSV columns, e.g. report=clinical_notes,patient_id=patientid")
+    p.add_argument("--layout", choices=["modality-folders", "subjects"], default="modality-folders",
+                   help="without --reports: modality-folders (CT/, T2/ ... pair by file name; default) or subjects "
+                        "(one folder per patient, each file's stem names its modality: t1n.nii.gz, fla.nii.gz ...)")
     p.add_argument(
         "--modality-map", type=_key_value, action="append", metavar="NAME=KEY",
-        help="map a folder/CSV modality name to a registry key, e.g. MRI=mri_t2 (repeatable)",
+        help="map a folder/CSV/file-stem modality name to a registry key, e.g. MRI=mri_t2 (repeatable)",
     )
+    p.add_argument("--modalities", nargs="+", default=None, metavar="KEY",
+                   help="keep only these registry keys (e.g. xray); a sample left without an image is dropped")
     p.add_argument("--patient-regex", default=None, help="regex with one group giving the patient id from a file stem")
-    p.add_argument("--png-ct-window", type=_window, default=(-1000.0, 1000.0), help="HU window an 8-bit CT PNG stands for")
+    p.add_argument("--nifti-slices", default="middle", metavar="middle|all|START:STOP[:STEP]",
+                   help="slices across the last stored voxel axis of each NIfTI volume that become samples, paired by "
+                        "index across a sample's volumes; no reorientation (default: middle, one per volume)")
+    p.add_argument("--min-foreground", type=float, default=0.0, metavar="FRACTION",
+                   help="with multi-slice --nifti-slices, keep a slice only if this fraction of its pixels is above the "
+                        "volume's background in every volume of the sample (default 0: keep all)")
+    p.add_argument("--clean-notes", action="store_true",
+                   help="remove case numbers, figure references, URLs/DOIs, courtesy lines and dates from reports "
+                        "(datasets.clean_clinical_note)")
+    p.add_argument("--png-ct-window", type=_window, default=(-1000.0, 1000.0),
+                   help="HU window an 8-bit CT PNG stands for: v means LOW + v/255*(HIGH-LOW) HU (default -1000,1000)")
     p.add_argument("--size", type=int, default=256, help="side of the square images written (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient-wise split")
+    p.add_argument("--split-fractions", type=_fractions, default=(0.8, 0.1, 0.1), metavar="TRAIN,VAL,TEST",
+                   help="shares of the patients per split; named patients count towards theirs (default 0.8,0.1,0.1)")
+    p.add_argument("--validation-patients", nargs="+", default=[], metavar="ID", help="patients put in validation by name")
+    p.add_argument("--test-patients", nargs="+", default=[], metavar="ID", help="patients put in test by name")
+    p.add_argument("--exclude-patients", nargs="+", default=[], metavar="ID", help="patients left out of the dataset")
+    p.add_argument("--remark", action="append", default=None, metavar="TEXT",
+                   help="a sentence recorded in prepare_info.json, e.g. where captions come from (repeatable)")
     p.add_argument("--out", required=True, help="output directory (must be new or empty)")
     p.set_defaults(func=cmd_prepare)
 

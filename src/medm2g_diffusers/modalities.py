@@ -8,9 +8,12 @@ is back in the modality's own units. The maps between the two live here and nowh
 | ``text`` | text | report string | tokenizer (not an intensity map) |
 | ``xray`` | xray | transmission image in ``[0, 1]`` (bone bright) | linear ``[0, 1] -> [-1, 1]`` |
 | ``ct`` | ct | Hounsfield units | window ``[-1000, 1000]`` HU, clipped (like MONAI ``ScaleIntensityRanged``) |
-| ``mri_t1`` ``mri_t2`` ``mri_pd`` ``mri_flair`` | mri | arbitrary scanner signal | per-image 0.5-99.5 percentile scaling, clipped |
+| ``mri_t1`` ``mri_t2`` ``mri_pd`` ``mri_flair`` ``mri_t1c`` | mri | arbitrary scanner signal | per-image 0.5-99.5 percentile scaling, clipped |
 
-All ``mri_*`` keys share one MRI encoder and one MRI diffuser; ``contrast_index`` tells them apart.
+All ``mri_*`` keys share one MRI encoder and one MRI diffuser; ``contrast_index`` tells them apart. A model
+knows the contrasts below its ``num_contrasts`` (``num_class_embeds``): ``mri_t1c`` (T1 after gadolinium, as in
+BraTS) comes last, so checkpoints trained on the four phantom contrasts keep their indices and gain T1c only
+through a fine-tune that adds it (``training/finetune_lora.py``).
 Adding a modality (ultrasound, PET) is one :func:`register_modality` call here plus its encoder, diffuser
 and alignment round; the pipeline never names a modality itself.
 """
@@ -152,7 +155,8 @@ register_modality(Modality("text", "text", "radiology report"))
 register_modality(Modality("xray", "xray", "chest X-ray", WindowIntensity(0.0, 1.0, "unit"), dicom_modality="DX"))
 register_modality(Modality("ct", "ct", "CT", WindowIntensity(*CT_WINDOW_HU, "HU"), dicom_modality="CT"))
 for _index, (_key, _name) in enumerate(
-    [("mri_t1", "MRI T1-weighted"), ("mri_t2", "MRI T2-weighted"), ("mri_pd", "MRI proton density"), ("mri_flair", "MRI FLAIR")]
+    [("mri_t1", "MRI T1-weighted"), ("mri_t2", "MRI T2-weighted"), ("mri_pd", "MRI proton density"), ("mri_flair", "MRI FLAIR"),
+     ("mri_t1c", "MRI T1-weighted post-contrast")]
 ):
     register_modality(Modality(_key, "mri", _name, PercentileIntensity(), contrast_index=_index, dicom_modality="MR"))
 

@@ -16,7 +16,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -62,6 +62,17 @@ def stage_config(config: dict[str, Any], section: str) -> dict[str, Any]:
     merged = copy.deepcopy(config.get("defaults", {}))
     merged.update(copy.deepcopy(config[section]))
     return merged
+
+
+def task_config_section(config: dict[str, Any], section: str, name: str) -> dict[str, Any]:
+    """Task ``name`` of the config's ``tasks`` mapping, its keys over ``section`` over ``defaults`` (the scripts that
+    train one task of several: ``finetune_lora.py``, ``train_regression_baseline.py``)."""
+    tasks = config.get("tasks") or {}
+    if name not in tasks:
+        raise ValueError(f"--task must be one of the config's tasks {sorted(tasks)}; got {name!r}")
+    cfg = stage_config(config, section)
+    cfg.update(copy.deepcopy(tasks[name]))
+    return cfg
 
 
 def base_argument_parser(description: str) -> argparse.ArgumentParser:
@@ -364,24 +375,34 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def atomic_save_folder(write: Callable[[Path], None], directory: str | Path) -> None:
+    """``write(tmp)`` fills a sibling temp folder, which is then swapped in, so a reader never sees half of it."""
+    directory = Path(directory)
+    tmp = directory.with_name(f".tmp-{directory.name}")
+    old = directory.with_name(f".old-{directory.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if old.is_dir() and not directory.exists():
+        os.replace(old, directory)  # a kill between the two renames of a replace: the old folder was complete
+    shutil.rmtree(old, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    _fsync_tree(tmp)
+    _install_dir(tmp, directory)
+
+
 def atomic_save_pretrained(model, directory: str | Path, also: Sequence[Any] = (), **kwargs) -> None:
     """``model.save_pretrained`` into a sibling temp folder, then swap it in, so a reader never sees half a model.
 
     ``also``: objects with ``save_pretrained`` saved into the same folder (e.g. the scheduler a denoiser was
     trained for, whose ``scheduler_config.json`` sits beside the model's ``config.json``).
     """
-    directory = Path(directory)
-    tmp = directory.with_name(f".tmp-{directory.name}")
-    old = directory.with_name(f".old-{directory.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if old.is_dir() and not directory.exists():
-        os.replace(old, directory)  # a kill between the two renames of a replace: the old model was complete
-    shutil.rmtree(old, ignore_errors=True)
-    model.save_pretrained(str(tmp), **kwargs)
-    for extra in also:
-        extra.save_pretrained(str(tmp))
-    _fsync_tree(tmp)
-    _install_dir(tmp, directory)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp), **kwargs)
+        for extra in also:
+            extra.save_pretrained(str(tmp))
+
+    atomic_save_folder(write, directory)
 
 
 # ------------------------------------------------------------------------------------------ step logs

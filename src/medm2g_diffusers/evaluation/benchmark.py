@@ -18,7 +18,16 @@ Tasks (each scored for the model and for every baseline pipeline that can do it)
   (from other training reports), scored on real test images.
 
 Every sample is seeded by ``(seed, row)``, so results do not depend on batch size; every number carries its
-protocol and sample count.
+protocol, sample count and split.
+
+**Real data** (``--data`` with ``findings`` None: ``medm2g prepare`` output, evaluated on ``split="validation"``
+or ``"test"``): what needs ground-truth findings (the finding classifiers, finding F1 and accuracy, joint
+agreement, augmentation) is skipped, with the reason under ``results["skipped"]``. Report generation is scored
+with BLEU/ROUGE against the dataset's ``report`` beside the nearest-neighbour retrieval from the training split;
+text -> image with FID and MS-SSIM diversity for the targets whose held-out rows have reports; image -> image
+with PSNR/SSIM on the tasks of :func:`default_translations` (or those asked for). Rows with ``anatomy`` None
+are never filtered by anatomy. A pipeline that cannot do a task is listed under the task's ``"skipped"`` with
+the reason (e.g. the bundled model cannot read ``mri_t1c``).
 """
 
 from __future__ import annotations
@@ -35,8 +44,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.datasets import build_phantom_split, has_image, load_medm2g_dataset
+from ..data.datasets import SPLITS, build_phantom_split, has_image, load_medm2g_dataset
 from ..data.preview import display_range
+from ..modalities import MODALITIES, image_modality_keys
 from .finding_classifier import (
     MedM2GFindingClassifier,
     classifier_metrics,
@@ -65,6 +75,15 @@ DISPLAY_PROTOCOL = (
     "display range [0, 1]: CT through the [-1000, 1000] HU window, MRI 0.5-99.5 percentile-scaled per image, "
     "X-ray as is; data_range=1"
 )
+HELD_OUT_SPLITS = ("test", "validation")
+NO_FINDINGS = "no ground-truth findings in this dataset"
+FID_FEATURES = 2048  # below this many images the Inception covariance is rank-deficient
+# Names a pipeline cannot have: they are keys of the task entries beside the pipelines' scores.
+RESERVED_NAMES = frozenset({
+    "n", "split", "skipped", "task", "sources", "target", "targets", "protocol", "prompts", "pairs", "real", "pool",
+    "copy_source", "nearest_neighbour", "labeller_on_references", "classifier_on_real",
+})
+SHORT_NAMES = {"xray": "X-ray", "ct": "CT", "mri_t1": "T1", "mri_t2": "T2", "mri_pd": "PD", "mri_flair": "FLAIR", "mri_t1c": "T1c"}
 
 
 @dataclasses.dataclass
@@ -106,24 +125,56 @@ class BenchmarkConfig:
 # ------------------------------------------------------------------------------------------------- data
 
 
-def load_splits(data: str | Path | None, cfg: BenchmarkConfig, image_size: int):
-    """``(train, test)`` ``datasets.Dataset`` splits: from a saved dataset, or the phantom set rebuilt by id."""
+def load_splits(data: str | Path | None, cfg: BenchmarkConfig, image_size: int, split: str = "test"):
+    """``(train, held_out)`` ``datasets.Dataset`` splits: from a saved dataset, or the phantom set rebuilt by id.
+
+    ``split`` is the held-out one (``"test"`` or ``"validation"``); the training split is the retrieval pool and
+    the classifiers' training data.
+    """
+    if split not in HELD_OUT_SPLITS:
+        raise ValueError(f"split must be one of {list(HELD_OUT_SPLITS)}; got {split!r}")
     if data is not None:
         dataset = load_medm2g_dataset(data)
-        train, test = dataset["train"], dataset["test"]
-        return train.select(range(min(cfg.n_train, train.num_rows))), test.select(range(min(cfg.n_test, test.num_rows)))
-    build = lambda split, limit: build_phantom_split(cfg.phantom_patients, split, cfg.phantom_seed, image_size, limit)  # noqa: E731
-    return build("train", cfg.n_train), build("test", cfg.n_test)
+        train, held_out = dataset["train"], dataset[split]
+        if not held_out.num_rows:
+            others = [s for s in SPLITS if s != "train" and s != split and dataset[s].num_rows]
+            raise ValueError(f"the {split} split of {data} is empty (small sets split by patient can leave it so)"
+                             + (f"; evaluate on --split {others[0]}" if others else ""))
+        return train.select(range(min(cfg.n_train, train.num_rows))), held_out.select(range(min(cfg.n_test, held_out.num_rows)))
+    build = lambda name, limit: build_phantom_split(cfg.phantom_patients, name, cfg.phantom_seed, image_size, limit)  # noqa: E731
+    return build("train", cfg.n_train), build(split, cfg.n_test)
 
 
 def rows_with(split, keys: Sequence[str], limit: int, anatomy: str | None = None):
-    """The first ``limit`` rows that have every image in ``keys`` (and the anatomy, when given)."""
+    """The first ``limit`` rows that have every column in ``keys`` (images, or ``"report"``: a non-blank one).
+
+    ``anatomy``: keep rows of that anatomy and rows whose anatomy is unknown (None: real data), so a phantom-only
+    restriction never drops real rows.
+    """
     present = np.ones(split.num_rows, dtype=bool)
     for key in keys:
-        present &= has_image(split, key)
+        if key == "report":
+            present &= np.asarray([bool(r and r.strip()) for r in split["report"]], dtype=bool)
+        else:
+            present &= has_image(split, key)
     if anatomy is not None:
-        present &= np.asarray(split["anatomy"]) == anatomy
+        present &= np.asarray([a is None or a == anatomy for a in split["anatomy"]], dtype=bool)
     return split.select(np.flatnonzero(present)[:limit].tolist())
+
+
+def findings_missing(*splits) -> str | None:
+    """None when every row of ``splits`` has ground-truth findings (phantoms), else why the finding metrics are skipped."""
+    # has_image is a null test on any column: here the findings JSON strings.
+    have = sum(int(has_image(s, "findings").sum()) for s in splits)
+    total = sum(s.num_rows for s in splits)
+    if total and have == total:
+        return None
+    return NO_FINDINGS if have == 0 else f"only {have} of {total} rows have ground-truth findings"
+
+
+def image_side(split) -> int:
+    """Side of the split's square images (one size for every image column of the canonical layout)."""
+    return int(split.features[image_modality_keys()[0]].shape[-1])
 
 
 def native(split, key: str) -> np.ndarray:
@@ -171,17 +222,94 @@ def generate(
 
 def fit_prompt(tokenizer, report: str, max_tokens: int) -> str:
     """The report cut to the whole sentences that fit in ``max_tokens`` (what training's truncation kept, at
-    sentence granularity); unchanged when it fits."""
-    if len(tokenizer(report)["input_ids"]) <= max_tokens:
+    sentence granularity), or to the leading words of its first sentence when that alone is too long; unchanged
+    when it fits."""
+    def fits(text: str) -> bool:
+        return len(tokenizer(text)["input_ids"]) <= max_tokens
+
+    if fits(report):
         return report
     sentences = report.split(". ")
-    while len(sentences) > 1 and len(tokenizer(". ".join(sentences))["input_ids"]) > max_tokens:
+    while len(sentences) > 1 and not fits(". ".join(sentences)):
         sentences.pop()
-    return ". ".join(sentences).rstrip(".") + "."
+    text = ". ".join(sentences).rstrip(".") + "."
+    if fits(text):
+        return text
+    # A first sentence longer than the limit (real notes can have one): its leading words that fit.
+    words = text.split()
+    while len(words) > 1 and not fits(" ".join(words)):
+        words.pop()
+    return " ".join(words)
 
 
 def supports(pipe, target: str, sources: Sequence[str] = ("text",)) -> bool:
     return target in pipe.supported_targets() and all(s in pipe.accepted_conditions(target) for s in sources)
+
+
+def unsupported(pipe, target: str, sources: Sequence[str] = ("text",), image_size: int | None = None) -> str | None:
+    """Why ``pipe`` cannot generate ``target`` from ``sources`` (``"text"``: a report), or None when it can.
+    ``image_size``: the side its image inputs and paired outputs must have (the data's)."""
+    if target not in pipe.supported_targets():
+        return f"cannot generate {target} (it generates {pipe.supported_targets()})"
+    refused = [s for s in sources if s not in pipe.accepted_conditions(target)]
+    if refused:
+        return f"cannot condition {target} on {refused} (it accepts {pipe.accepted_conditions(target)})"
+    if image_size is not None and pipe.image_size != image_size:
+        return f"reads and writes {pipe.image_size} px images; the data is {image_size} px"
+    return None
+
+
+def translation_name(sources: Sequence[str], target: str) -> str:
+    """The task's name in the tables: ``"MRI (T1+T2) -> CT"``, ``"T1+T2 -> FLAIR"`` (as in :data:`TRANSLATIONS`)."""
+    labels = "+".join(SHORT_NAMES.get(k, k) for k in sources)
+    if target == "ct" and all(MODALITIES[k].family == "mri" for k in sources):
+        return f"MRI ({labels}) -> CT"
+    return f"{labels} -> {SHORT_NAMES.get(target, target)}"
+
+
+def parse_translation(text: str) -> tuple[str, list[str], str]:
+    """``"mri_t1+mri_t2->mri_flair"`` -> ``("T1+T2 -> FLAIR", ["mri_t1", "mri_t2"], "mri_flair")``: the form of
+    ``medm2g evaluate --translations``. Registry keys exactly (no spaces, no aliases), distinct sources, a target
+    that is not a source."""
+    keys = image_modality_keys()
+    form = f"--translations expects SOURCE[+SOURCE...]->TARGET of image modality keys {keys}"
+    left, arrow, target = text.partition("->")
+    if not arrow or "->" in target:
+        raise ValueError(f"{form}; got {text!r}")
+    sources = left.split("+")
+    for key in [*sources, target]:
+        if key not in keys:
+            raise ValueError(f"{form}; got {text!r}, where {key!r} is not one")
+    if len(set(sources)) != len(sources):
+        raise ValueError(f"--translations {text!r} repeats a source")
+    if target in sources:
+        raise ValueError(f"--translations {text!r} has its target {target!r} among the sources")
+    return translation_name(sources, target), sources, target
+
+
+def default_translations(held_out) -> list[tuple[str, list[str], str]]:
+    """The image -> image tasks a dataset's held-out split has rows for, in this order:
+
+    1. the :data:`TRANSLATIONS` of the phantom benchmark;
+    2. MRI -> CT from each MRI contrast alone (the co-registered CT-MRI sets are single-contrast);
+    3. each MRI contrast from all the other contrasts present (missing-contrast synthesis, as on BraTS).
+
+    A task is kept when at least one held-out row has all its images; one with the same sources and target as
+    an earlier task is not repeated.
+    """
+    present = [k for k in image_modality_keys() if has_image(held_out, k).any()]
+    contrasts = [k for k in present if MODALITIES[k].family == "mri"]
+    candidates = [(sources, target) for _, sources, target in TRANSLATIONS]
+    candidates += [([k], "ct") for k in contrasts]
+    candidates += [([k for k in contrasts if k != target], target) for target in contrasts if len(contrasts) > 1]
+    tasks, seen = [], set()
+    for sources, target in candidates:
+        signature = (frozenset(sources), target)
+        if signature in seen or not rows_with(held_out, [*sources, target], 1).num_rows:
+            continue
+        seen.add(signature)
+        tasks.append((translation_name(sources, target), list(sources), target))
+    return tasks
 
 
 # ------------------------------------------------------------------------------------------ classifiers
@@ -228,50 +356,82 @@ def summary(metrics: dict) -> dict:
 # ------------------------------------------------------------------------------------------------ tasks
 
 
-def evaluate_report_generation(pipes: dict, train, test, cfg: BenchmarkConfig) -> dict:
-    rows = rows_with(test, ["xray"], cfg.n_reports, anatomy="chest")
-    references, truth = list(rows["report"]), [finding_types(f) for f in rows["findings"]]
-    results = {"task": "X-ray -> report", "n": rows.num_rows, "labeller_on_references": finding_f1(references, truth)}
+def evaluate_report_generation(pipes: dict, train, test, cfg: BenchmarkConfig, split: str, skipped: dict, findings: bool = True) -> dict | None:
+    """X-ray -> report: BLEU/ROUGE (and, with ground-truth findings, the labeller's finding F1) per pipeline and for
+    the nearest-neighbour retrieval from the training split. None (and ``skipped["report_generation"]``) without rows."""
+    rows = rows_with(test, ["xray", "report"], cfg.n_reports, anatomy="chest")
+    if not rows.num_rows:
+        skipped["report_generation"] = f"the {split} split has no rows with an X-ray and a report"
+        return None
+    references = list(rows["report"])
+    truth = [finding_types(f) for f in rows["findings"]] if findings else None
+    results = {"task": "X-ray -> report", "n": rows.num_rows, "split": split, "skipped": {}}
+    if truth is not None:
+        results["labeller_on_references"] = finding_f1(references, truth)
+    size = image_side(test)
 
     def score(predictions: list[str]) -> dict:
-        return {**report_generation_metrics(predictions, references), "finding": finding_f1(predictions, truth),
-                "examples": [{"generated": p, "reference": r} for p, r in zip(predictions[:3], references[:3])]}
+        scores = report_generation_metrics(predictions, references)
+        if truth is not None:
+            scores["finding"] = finding_f1(predictions, truth)
+        return {**scores, "examples": [{"generated": p, "reference": r} for p, r in zip(predictions[:3], references[:3])]}
 
     for name, pipe in pipes.items():
-        if supports(pipe, "text", ["xray"]):
-            started = time.perf_counter()
-            text = generate(pipe, cfg, ["text"], list(range(rows.num_rows)), conditions={"xray": native(rows, "xray")})["text"]
-            results[name] = {**score(text), "seconds": time.perf_counter() - started}
+        reason = unsupported(pipe, "text", ["xray"], size)
+        if reason is not None:
+            results["skipped"][name] = reason
+            continue
+        started = time.perf_counter()
+        text = generate(pipe, cfg, ["text"], list(range(rows.num_rows)), conditions={"xray": native(rows, "xray")})["text"]
+        results[name] = {**score(text), "seconds": time.perf_counter() - started}
     # Nearest neighbour: the report of the training X-ray closest in pixels (model range, L2).
-    pool = rows_with(train, ["xray"], train.num_rows, anatomy="chest")
+    pool = rows_with(train, ["xray", "report"], train.num_rows, anatomy="chest")
+    if not pool.num_rows:
+        results["skipped"]["nearest_neighbour"] = "the training split has no rows with an X-ray and a report (the retrieval pool)"
+        return results
     pool_images = display(pool, "xray").reshape(pool.num_rows, -1)
     queries = display(rows, "xray").reshape(rows.num_rows, -1)
     distances = (queries**2).sum(1)[:, None] - 2 * queries @ pool_images.T + (pool_images**2).sum(1)[None]
     pool_reports = pool["report"]
-    results["nearest_neighbour"] = {**score([pool_reports[i] for i in distances.argmin(1)]), "pool": pool.num_rows}
+    results["nearest_neighbour"] = {**score([pool_reports[i] for i in distances.argmin(1)]), "pool": pool.num_rows, "pool_split": "train"}
     return results
 
 
-def evaluate_text_to_image(pipes: dict, test, cfg: BenchmarkConfig, classifiers: dict, real_metrics: dict) -> dict:
+def evaluate_text_to_image(pipes: dict, test, cfg: BenchmarkConfig, classifiers: dict, real_metrics: dict, split: str, skipped: dict,
+                           findings: bool = True) -> dict:
+    """Per target of ``cfg.text_to_image_targets`` with held-out reports: FID, MS-SSIM diversity and (with
+    ground-truth findings) the classifiers' finding accuracy on the generated images."""
     results = {}
     for target in cfg.text_to_image_targets:
-        rows = rows_with(test, [target], cfg.n_text_to_image)
-        types = classifier_types(target)
-        labels = finding_labels(rows["findings"], types)
+        rows = rows_with(test, [target, "report"], cfg.n_text_to_image)
+        if not rows.num_rows:
+            skipped[f"text_to_image/{target}"] = f"the {split} split has no rows with both a report and {target}"
+            continue
         real = display(rows, target)
-        real_model = real * 2 - 1
-        entry = {"n": rows.num_rows, "classifier_on_real": summary(classifier_metrics(
-            classifiers[target].predict_probabilities(real_model), labels, types))}
+        entry = {"n": rows.num_rows, "split": split,
+                 "prompts": f"the held-out reports, cut to whole sentences (or words) within max_text_tokens={cfg.max_text_tokens}",
+                 "skipped": {}}
+        if findings:
+            types = classifier_types(target)
+            labels = finding_labels(rows["findings"], types)
+            entry["classifier_on_real"] = summary(classifier_metrics(classifiers[target].predict_probabilities(real * 2 - 1), labels, types))
         for name, pipe in pipes.items():
-            if not supports(pipe, target):
+            reason = unsupported(pipe, target)
+            if reason is not None:
+                entry["skipped"][name] = reason
                 continue
             started = time.perf_counter()
             fake = generate(pipe, cfg, [target], list(range(rows.num_rows)), prompts=list(rows["report"]))[target]
-            seconds = time.perf_counter() - started
-            scores = {"seconds": seconds, "finding": summary(classifier_metrics(
-                classifiers[target].predict_probabilities(fake * 2 - 1), labels, types))}
-            if cfg.fid:
+            scores = {"seconds": time.perf_counter() - started}
+            if findings:
+                scores["finding"] = summary(classifier_metrics(classifiers[target].predict_probabilities(fake * 2 - 1), labels, types))
+            if cfg.fid and rows.num_rows >= 2:
                 scores["fid"] = frechet_inception_distance(real, fake)
+                if rows.num_rows < FID_FEATURES:
+                    scores["fid"]["note"] = (f"{rows.num_rows} real vs {rows.num_rows} generated images: with fewer images than the "
+                                             f"{FID_FEATURES} Inception features, FID is noisy and biased upwards; compare only at equal n")
+            elif cfg.fid:
+                entry["skipped"][f"{name}/fid"] = "FID needs at least 2 images"
             k = min(cfg.diversity_prompts, rows.num_rows)
             prompts = [p for p in rows["report"][:k] for _ in range(cfg.diversity_samples)]
             seeds = [10_000 + i for i in range(len(prompts))]
@@ -283,15 +443,19 @@ def evaluate_text_to_image(pipes: dict, test, cfg: BenchmarkConfig, classifiers:
     return results
 
 
-def evaluate_image_to_image(pipes: dict, test, cfg: BenchmarkConfig) -> dict:
+def evaluate_image_to_image(pipes: dict, test, cfg: BenchmarkConfig, translations: Sequence[tuple[str, list[str], str]], split: str) -> dict:
+    """PSNR/SSIM of every pipeline that can do each task (each has held-out rows), beside copying the first source."""
     results = {}
-    for task, sources, target in TRANSLATIONS:
+    size = image_side(test)
+    for task, sources, target in translations:
         rows = rows_with(test, sources + [target], cfg.n_translation)
         real = display(rows, target)
-        entry = {"sources": sources, "target": target, "n": rows.num_rows, "protocol": DISPLAY_PROTOCOL,
-                 "copy_source": psnr_ssim(display(rows, sources[0]), real)}
+        entry = {"sources": sources, "target": target, "n": rows.num_rows, "split": split, "protocol": DISPLAY_PROTOCOL,
+                 "copy_source": psnr_ssim(display(rows, sources[0]), real), "skipped": {}}
         for name, pipe in pipes.items():
-            if not supports(pipe, target, sources):
+            reason = unsupported(pipe, target, sources, size)
+            if reason is not None:
+                entry["skipped"][name] = reason
                 continue
             started = time.perf_counter()
             fake = generate(pipe, cfg, [target], list(range(rows.num_rows)), conditions={s: native(rows, s) for s in sources})[target]
@@ -330,8 +494,12 @@ def evaluate_joint(pipes: dict, test, cfg: BenchmarkConfig, classifiers: dict, r
     return results
 
 
-def evaluate_augmentation(pipe, train, test, cfg: BenchmarkConfig) -> dict:
+def evaluate_augmentation(pipe, train, test, cfg: BenchmarkConfig, skipped: dict) -> dict | None:
     key = cfg.augmentation_modality
+    reason = unsupported(pipe, key)
+    if reason is not None:
+        skipped["augmentation"] = f"the model {reason}"
+        return None
     types = classifier_types(key)
     pool = rows_with(train, [key], cfg.augmentation_real + cfg.augmentation_generated)
     real_rows = pool.select(range(min(cfg.augmentation_real, pool.num_rows)))
@@ -364,17 +532,29 @@ def run_benchmark(
     classifier_cache: str | Path | None = None,
     tasks: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
+    split: str = "test",
+    translations: Sequence[tuple[str, list[str], str]] | None = None,
 ) -> dict:
     """Runs every task; returns the results dict (see the module docstring).
 
     Args:
         pipe: the `MedM2GPipeline` under test, named ``model_name`` in the results.
         cfg: sizes and sampling settings.
-        data: a dataset folder (``medm2g phantoms`` / ``prepare``), or ``None`` to rebuild the phantom test split
+        data: a dataset folder (``medm2g phantoms`` / ``prepare``), or ``None`` to rebuild the phantom split
             the tiny model was trained beside (``cfg.phantom_patients``, ``cfg.phantom_seed``).
-        baselines: name -> another pipeline, scored on every task it supports.
+        baselines: name -> another pipeline (a `MedM2GPipeline`, a `MedM2GRegressionPipeline`, ...), scored on
+            every task it supports; the others list it under their ``"skipped"`` with the reason.
         classifier_cache: folder to keep the finding classifiers in (trained once, reused).
         tasks: a subset of :data:`TASKS` (default: all).
+        split: the held-out split scored, ``"test"`` or ``"validation"``.
+        translations: the image -> image tasks as ``(name, sources, target)`` (:func:`parse_translation` makes them
+            from ``"mri_t1+mri_t2->mri_flair"``); each must have held-out rows. Default: :data:`TRANSLATIONS` on
+            phantoms, :func:`default_translations` of the held-out split with ``data``.
+
+    Returns:
+        `dict`: run metadata, one entry per task run, and ``skipped``: what was not run or not scored (a task, a
+        sub-task such as ``"text_to_image/ct"``, or a metric such as ``"report_generation/finding_f1"``) -> why.
+        Inside a task entry, ``skipped`` maps a pipeline that cannot do the task to why.
     """
     tasks = list(TASKS if tasks is None else tasks)
     unknown = sorted(set(tasks) - set(TASKS))
@@ -382,30 +562,59 @@ def run_benchmark(
         raise ValueError(f"tasks must be a non-empty subset of {list(TASKS)}; got {tasks}")
     started = time.perf_counter()
     pipes = {model_name: pipe, **(baselines or {})}
-    train, test = load_splits(data, cfg, pipe.image_size)
-    log(f"data: {train.num_rows} training and {test.num_rows} test patients")
-    modalities = set(cfg.text_to_image_targets) if "text_to_image" in tasks else set()
-    modalities |= {k for t in JOINT_TARGETS.values() for k in t} if "joint" in tasks else set()
-    modalities = sorted(modalities)
-    classifiers, real_metrics = train_classifiers(train, test, modalities, cfg, Path(classifier_cache) if classifier_cache else None, log)
+    bad = [name for name in pipes if name in RESERVED_NAMES or "/" in name]
+    if bad:
+        raise ValueError(f"pipeline names (--name, --baseline NAME) must not contain '/' or be one of {sorted(RESERVED_NAMES)}; got {bad}")
+    train, held_out = load_splits(data, cfg, pipe.image_size, split)
+    log(f"data: {train.num_rows} training and {held_out.num_rows} {split} rows")
+    no_findings = findings_missing(train, held_out)
+    findings = no_findings is None
+    skipped: dict[str, str] = {}
+    if no_findings is not None:
+        for name, needs in (("finding_classifiers", {"text_to_image", "joint"}), ("report_generation/finding_f1", {"report_generation"}),
+                            ("text_to_image/finding_accuracy", {"text_to_image"}), ("joint", {"joint"}), ("augmentation", {"augmentation"})):
+            if needs & set(tasks):
+                skipped[name] = no_findings
+    if "image_to_image" in tasks:
+        if translations is None:
+            translations = TRANSLATIONS if data is None else default_translations(held_out)
+        for task, sources, target in translations:
+            if not rows_with(held_out, [*sources, target], 1).num_rows:
+                raise ValueError(f"translations: the {split} split of {data or 'the phantoms'} has no rows with all of "
+                                 f"{[*sources, target]} for {task!r}")
+        if not translations:
+            skipped["image_to_image"] = f"the {split} split has no rows with both images of any task (default_translations)"
+    modalities: set[str] = set()
+    if findings:
+        modalities |= set(cfg.text_to_image_targets) if "text_to_image" in tasks else set()
+        modalities |= {k for t in JOINT_TARGETS.values() for k in t} if "joint" in tasks else set()
+    classifiers, real_metrics = train_classifiers(train, held_out, sorted(modalities), cfg, Path(classifier_cache) if classifier_cache else None, log)
     results: dict[str, Any] = {
         "model": model_name, "baselines": sorted(baselines or {}), "config": dataclasses.asdict(cfg),
-        "data": str(data) if data else f"phantoms n={cfg.phantom_patients} seed={cfg.phantom_seed} (held-out test split)",
+        "data": f"{data} ({split} split)" if data else f"phantoms n={cfg.phantom_patients} seed={cfg.phantom_seed} (held-out {split} split)",
+        "split": split, "findings": findings,
+        "pipelines": {name: {"class": type(p).__name__, "name_or_path": getattr(p, "name_or_path", None)} for name, p in pipes.items()},
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "torch_threads": torch.get_num_threads()},
         "finding_classifiers": {k: {"types": classifier_types(k), "on_real_test": v} for k, v in real_metrics.items()},
     }
     runners = {
-        "report_generation": lambda: evaluate_report_generation(pipes, train, test, cfg),
-        "text_to_image": lambda: evaluate_text_to_image(pipes, test, cfg, classifiers, real_metrics),
-        "image_to_image": lambda: evaluate_image_to_image(pipes, test, cfg),
-        "joint": lambda: evaluate_joint(pipes, test, cfg, classifiers, real_metrics),
-        "augmentation": lambda: evaluate_augmentation(pipe, train, test, cfg),
+        "report_generation": lambda: evaluate_report_generation(pipes, train, held_out, cfg, split, skipped, findings),
+        "text_to_image": lambda: evaluate_text_to_image(pipes, held_out, cfg, classifiers, real_metrics, split, skipped, findings),
+        "image_to_image": lambda: evaluate_image_to_image(pipes, held_out, cfg, translations, split),
+        "joint": lambda: evaluate_joint(pipes, held_out, cfg, classifiers, real_metrics),
+        "augmentation": lambda: evaluate_augmentation(pipe, train, held_out, cfg, skipped),
     }
     for name in tasks:
+        if name in skipped:
+            log(f"{name}: skipped ({skipped[name]})")
+            continue
         task_started = time.perf_counter()
-        results[name] = runners[name]()
-        log(f"{name}: {time.perf_counter() - task_started:.0f} s")
+        entry = runners[name]()
+        if entry is not None:
+            results[name] = entry
+        log(f"{name}: {time.perf_counter() - task_started:.0f} s" + (f" (skipped: {skipped[name]})" if name in skipped else ""))
+    results["skipped"] = skipped
     results["seconds"] = time.perf_counter() - started
     return results
 

@@ -14,44 +14,69 @@ def _methods(results: dict, entry: dict) -> list[str]:
     return [name for name in [results["model"], *results["baselines"]] if name in entry]
 
 
+def _cannot(results: dict, entries: dict) -> list[str]:
+    """Footnotes: which pipeline could not do which task, and why (from the entries' ``skipped``)."""
+    lines = [f"- {name} on {task}: {reason}" for task, entry in entries.items() for name, reason in entry.get("skipped", {}).items()]
+    return ["", "Not scored:", *lines] if lines else []
+
+
+def _held_out(results: dict) -> str:
+    return f"{results.get('split', 'test')} split"
+
+
 def report_table(results: dict) -> list[str]:
     r = results["report_generation"]
-    lines = [f"### Report generation (X-ray -> report, {r['n']} held-out chest patients)", "",
-             "| method | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | ROUGE-L | finding F1 (micro) | finding F1 (macro) | exact findings |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name in [*_methods(results, r), "nearest_neighbour"]:
+    names = [*_methods(results, r), *(["nearest_neighbour"] if "nearest_neighbour" in r else [])]
+    findings = any("finding" in r[name] for name in names)
+    where = "held-out chest patients" if findings else f"rows of the {_held_out(results)}"
+    lines = [f"### Report generation (X-ray -> report, {r['n']} {where})", "",
+             "| method | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | ROUGE-L |" + (" finding F1 (micro) | finding F1 (macro) | exact findings |" if findings else ""),
+             "| --- | --- | --- | --- | --- | --- |" + (" --- | --- | --- |" if findings else "")]
+    for name in names:
         m = r[name]
-        label = "nearest-neighbour retrieval (pixels)" if name == "nearest_neighbour" else name
-        lines.append(f"| {label} | " + " | ".join(_f(m[f"bleu_{n}"]) for n in range(1, 5))
-                     + f" | {_f(m['rouge_l'])} | {_f(m['finding']['micro_f1'])} | {_f(m['finding']['macro_f1'])} | {_f(m['finding']['exact_match'])} |")
-    lines += ["", f"Protocol: {r[results['model']]['protocol'] if results['model'] in r else ''} The labeller scores "
-              f"{_f(r['labeller_on_references']['micro_f1'])} micro F1 on the reference reports themselves.", ""]
-    return lines
+        label = f"nearest-neighbour retrieval (pixels, {m['pool']} {m.get('pool_split', 'train')} X-rays)" if name == "nearest_neighbour" else name
+        line = f"| {label} | " + " | ".join(_f(m[f"bleu_{n}"]) for n in range(1, 5)) + f" | {_f(m['rouge_l'])} |"
+        if findings:
+            line += f" {_f(m['finding']['micro_f1'])} | {_f(m['finding']['macro_f1'])} | {_f(m['finding']['exact_match'])} |"
+        lines.append(line)
+    protocol = next((r[name]["protocol"] for name in names), "")
+    note = (f" The labeller scores {_f(r['labeller_on_references']['micro_f1'])} micro F1 on the reference reports themselves."
+            if "labeller_on_references" in r else " References: the dataset's reports (no ground-truth findings: no finding F1).")
+    lines += ["", f"Protocol: {protocol.rstrip('.')}.{note}"]
+    return lines + _cannot(results, {"report generation": r}) + [""]
 
 
 def text_to_image_table(results: dict) -> list[str]:
-    lines = ["### Text -> image (held-out reports; finding accuracy by classifiers trained on real phantoms only)", "",
-             "| modality | method | n | FID ↓ | MS-SSIM diversity ↓ | finding exact-set accuracy | finding macro F1 | classifier on real: exact / macro F1 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for target, entry in results["text_to_image"].items():
-        real = entry["classifier_on_real"]
+    entries = results["text_to_image"]
+    findings = any("classifier_on_real" in entry for entry in entries.values())
+    title = ("held-out reports; finding accuracy by classifiers trained on real phantoms only" if findings
+             else f"reports of the {_held_out(results)}; no ground-truth findings: no finding accuracy")
+    lines = [f"### Text -> image ({title})", "",
+             "| modality | method | n | FID ↓ | MS-SSIM diversity ↓ |" + (" finding exact-set accuracy | finding macro F1 | classifier on real: exact / macro F1 |" if findings else ""),
+             "| --- | --- | --- | --- | --- |" + (" --- | --- | --- |" if findings else "")]
+    for target, entry in entries.items():
         for name in _methods(results, entry):
             m = entry[name]
-            lines.append(f"| {target} | {name} | {entry['n']} | {_f(m['fid']['fid'] if 'fid' in m else None, 1)} | {_f(m['ms_ssim_diversity']['ms_ssim'])} | "
-                         f"{_f(m['finding']['exact_set_accuracy'])} | {_f(m['finding']['macro_f1'])} | "
+            line = f"| {target} | {name} | {entry['n']} | {_f(m['fid']['fid'] if 'fid' in m else None, 1)} | {_f(m['ms_ssim_diversity']['ms_ssim'])} |"
+            if findings:
+                real = entry["classifier_on_real"]
+                line += (f" {_f(m['finding']['exact_set_accuracy'])} | {_f(m['finding']['macro_f1'])} | "
                          f"{_f(real['exact_set_accuracy'])} / {_f(real['macro_f1'])} |")
-    first = next(iter(results["text_to_image"].values()), {})
-    model = first.get(results["model"], {})
-    if "fid" in model:
-        lines += ["", f"FID: {model['fid'].get('protocol', '')}"]
-    if "ms_ssim_diversity" in model:
-        lines += ["", f"Diversity: {model['ms_ssim_diversity'].get('protocol', '')}"]
-    return lines + [""]
+            lines.append(line)
+    scored = [entry[name] for entry in entries.values() for name in _methods(results, entry)]
+    fid = next((m["fid"] for m in scored if "fid" in m), None)
+    if fid is not None:
+        lines += ["", f"FID: {fid.get('protocol', '')}" + (f". {fid['note']}" if "note" in fid else "")]
+    diversity = next((m["ms_ssim_diversity"] for m in scored), None)
+    if diversity is not None:
+        lines += ["", f"Diversity: {diversity.get('protocol', '')}"]
+    return lines + _cannot(results, entries) + [""]
 
 
 def image_to_image_table(results: dict) -> list[str]:
     names = [results["model"], *results["baselines"]]
-    lines = ["### Image -> image (PSNR dB / SSIM on held-out patients)", "",
+    where = "held-out patients" if results.get("findings", True) else f"rows of the {_held_out(results)}"
+    lines = [f"### Image -> image (PSNR dB / SSIM on {where})", "",
              "| task | n | " + " | ".join(names) + " | copy the source |",
              "| --- | --- | " + " | ".join("---" for _ in names) + " | --- |"]
     protocol = ""
@@ -60,7 +85,9 @@ def image_to_image_table(results: dict) -> list[str]:
         copy = entry["copy_source"]
         lines.append(f"| {task} | {entry['n']} | " + " | ".join(cells) + f" | {_f(copy['psnr_mean'], 2)} / {_f(copy['ssim_mean'])} |")
         protocol = entry["protocol"]
-    return lines + ["", f"Protocol: {protocol}.", ""]
+    one_pass = [n for n, p in results.get("pipelines", {}).items() if p["class"] == "MedM2GRegressionPipeline"]
+    note = f" {', '.join(one_pass)}: one forward pass (no sampling steps, no guidance)." if one_pass else ""
+    return lines + ["", f"Protocol: {protocol}.{note}"] + _cannot(results, results["image_to_image"]) + [""]
 
 
 def joint_table(results: dict) -> list[str]:
@@ -102,15 +129,21 @@ def classifier_table(results: dict) -> list[str]:
     return lines + [""]
 
 
+def skipped_list(results: dict) -> list[str]:
+    return ["### Not run", "", *(f"- {name}: {reason}" for name, reason in results["skipped"].items()), ""]
+
+
 def markdown_tables(results: dict) -> str:
-    """All tables of a benchmark run, with the data and machine they came from."""
+    """All tables of a benchmark run, with the data and machine they came from, and what was not run and why."""
     head = [f"Model `{results['model']}`; baselines: {', '.join(results['baselines']) or 'none'}; data: {results['data']}; "
             f"{results['config']['num_inference_steps']} DDIM steps, guidance {results['config']['guidance_scale']}; "
             f"{results['machine']['processor']}, {results['machine']['torch_threads']} torch threads; "
             f"{results['seconds'] / 60:.1f} min.", ""]
     tables = {"report_generation": report_table, "text_to_image": text_to_image_table, "image_to_image": image_to_image_table,
               "joint": joint_table, "augmentation": augmentation_table}
-    parts = [head] + [table(results) for name, table in tables.items() if name in results]
+    parts = [head] + [table(results) for name, table in tables.items() if results.get(name)]
     if results["finding_classifiers"]:
         parts.append(classifier_table(results))
+    if results.get("skipped"):
+        parts.append(skipped_list(results))
     return "\n".join(line for part in parts for line in part)

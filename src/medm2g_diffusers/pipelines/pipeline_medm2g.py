@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..checkpoints import check_safe_to_load, resolve_checkpoint
 from ..data.io import tag_synthetic
+from ..loaders.lora import MedM2GLoraLoaderMixin
 from ..modalities import MODALITIES, from_model_range, get_modality, image_modality_keys, modality_keys, to_model_range
 from ..models.multiflow import MedM2GMultiFlowModel
 from ..models.prompt_encoders import MedM2GPromptEncoders
@@ -43,7 +44,7 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class MedM2GPipeline(DiffusionPipeline):
+class MedM2GPipeline(DiffusionPipeline, MedM2GLoraLoaderMixin):
     r"""
     MedM2G: text -> image (one or several targets, generated jointly), image -> report, image -> image (MRI ->
     CT, CT -> X-ray, MRI contrast synthesis from one or several contrasts).
@@ -60,6 +61,10 @@ class MedM2GPipeline(DiffusionPipeline):
         tokenizer ([`~transformers.PreTrainedTokenizerBase`]): the report tokenizer.
         scheduler ([`SchedulerMixin`]): DDIM by default; any diffusers scheduler with the same config works
             (e.g. `DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)`).
+
+    LoRA adapters fine-tuned on your own data (``training/finetune_lora.py``) load with `load_lora_weights`, are
+    chosen with `set_adapters` or per call with ``adapter_names``, and leave with `unload_lora_weights`
+    ([`~medm2g_diffusers.loaders.MedM2GLoraLoaderMixin`]).
 
     Intensities: NumPy/torch conditions are in native units (CT in Hounsfield units, X-ray in `[0, 1]`, MRI in
     any signal scale, percentile-scaled per image); PIL conditions are display images (`[0, 255]` or 16-bit ->
@@ -91,6 +96,16 @@ class MedM2GPipeline(DiffusionPipeline):
             # Provenance names the model as the user did ("medm2g-tiny"), not a local folder.
             pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
         return pipe
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        r"""[`DiffusionPipeline.save_pretrained`]; refused while LoRA adapters are loaded, since the saved model would
+        not reload (save the adapters with `save_lora_weights`, or `unload_lora_weights` first)."""
+        if self.get_list_adapters():
+            raise ValueError(
+                f"this pipeline holds LoRA adapters {self.get_list_adapters()}: save them with save_lora_weights(...), or call "
+                "unload_lora_weights() before save_pretrained"
+            )
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     _callback_tensor_inputs = ["latents"]
     _optional_components = ["text_vae"]
@@ -126,17 +141,21 @@ class MedM2GPipeline(DiffusionPipeline):
         return self.vae_scale_factor * 2 ** (levels - 1)
 
     def supported_targets(self) -> list[str]:
-        """Modality keys this checkpoint can generate (every modality of a family it has a denoiser for)."""
+        """Modality keys this checkpoint can generate: every modality of a family it has a denoiser for, up to the
+        contrasts that denoiser was trained on (its class embedding)."""
         families = set(self.multiflow.unets)
         if self.text_vae is None:
             families.discard("text")
-        return [key for key in modality_keys() if MODALITIES[key].family in families]
+        return [key for key in modality_keys() if MODALITIES[key].family in families
+                and key in self.multiflow.modality_keys(MODALITIES[key].family)]
 
     def accepted_conditions(self, target: str) -> list[str]:
-        """Modality keys that can condition ``target`` with this checkpoint."""
+        """Modality keys that can condition ``target`` with this checkpoint (the prompt encoders must know them)."""
+        known = set(self.prompt_encoders.modality_keys())
         if target == "text":
-            return [key for key in image_modality_keys() if MODALITIES[key].family in self.prompt_encoders.families]
-        return ["text"] + [key for key in self.multiflow.accepted_sources(MODALITIES[target].family) if key != target]
+            return [key for key in image_modality_keys() if key in known]
+        sources = self.multiflow.accepted_sources(MODALITIES[target].family)
+        return ["text"] + [key for key in sources if key != target and key in known]
 
     # --------------------------------------------------------------------------------------------- inputs
 
@@ -383,6 +402,7 @@ class MedM2GPipeline(DiffusionPipeline):
         ct_in_hu: bool = False,
         max_new_tokens: int = 160,
         batch_invariant: bool = False,
+        adapter_names: str | list[str] | None = None,
     ):
         r"""
         Generates ``targets`` from a report and/or images.
@@ -417,6 +437,8 @@ class MedM2GPipeline(DiffusionPipeline):
                 call differs from a one-sample call by float rounding only (about 1e-5 in `[0, 1]`, see
                 `benchmarks/batch_rounding.py`; BLAS kernels depend on the number of rows), at a fraction of the
                 time. The callback then sees one sample at a time.
+            adapter_names (`str` or `list[str]`, *optional*): the LoRA adapters this call uses (``[]``: the base
+                model); default: the pipeline's choice (`set_adapters`). Nothing changes for later calls.
 
         Examples:
 
@@ -433,13 +455,16 @@ class MedM2GPipeline(DiffusionPipeline):
             isinstance(generator, list) and all(isinstance(g, torch.Generator) for g in generator)
         ):
             raise ValueError(f"generator must be a torch.Generator or a list of them, one per sample; got {type(generator).__name__}")
+        if adapter_names is not None:  # an unknown name fails here, before any work
+            self._check_adapter_names([adapter_names] if isinstance(adapter_names, str) else adapter_names)
         if batch_invariant:
             return self._generate_one_by_one(
                 prompt, conditions, negative_prompt, num_images_per_prompt, generator, latents, return_dict,
                 dict(targets=targets, height=height, width=width, num_inference_steps=num_inference_steps,
                      guidance_scale=guidance_scale, eta=eta, output_type=output_type, callback_on_step_end=callback_on_step_end,
                      callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, max_text_tokens=max_text_tokens,
-                     cross_guidance_scale=cross_guidance_scale, ct_in_hu=ct_in_hu, max_new_tokens=max_new_tokens),
+                     cross_guidance_scale=cross_guidance_scale, ct_in_hu=ct_in_hu, max_new_tokens=max_new_tokens,
+                     adapter_names=adapter_names),
             )
         conditions = dict(conditions or {})
         prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
@@ -494,9 +519,10 @@ class MedM2GPipeline(DiffusionPipeline):
             for target in targets
         }
 
-        # 4. The joint loop: every target's denoiser reads its conditions, its sources and V of the others.
+        # 4. The joint loop: every target's denoiser reads its conditions, its sources and V of the others (with
+        #    this call's LoRA adapters, if any).
         self._num_timesteps = len(timesteps)
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
+        with self.lora_scope(adapter_names), self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 model_inputs = {
                     target: schedulers[target].scale_model_input(torch.cat([z, z]) if do_guidance else z, t)
@@ -538,6 +564,7 @@ class MedM2GPipeline(DiffusionPipeline):
                 "guidance_scale": guidance_scale,
                 "scheduler": type(self.scheduler).__name__,
                 "seed": seed,
+                "lora_adapters": self._call_adapters(adapter_names),
             }
             if output_type == "latent":
                 images[target] = latents[target]
