@@ -12,28 +12,10 @@ import argparse
 import json
 from pathlib import Path
 
-from medm2g_diffusers.evaluation.benchmark_tables import markdown_tables
+from medm2g_diffusers.evaluation.benchmark_tables import evaluate_command, markdown_tables
 from medm2g_diffusers.training_utils import atomic_write_text
 
 NOTES_MARKER = "<!-- notes: written by hand below this line; every number is quoted from the tables above -->"
-
-
-def command_of(results: dict) -> str:
-    args = results.get("arguments") or {}
-    parts = ["medm2g evaluate"]
-    for key, value in args.items():
-        if key == "command" or value in (None, False, []):
-            continue
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            parts.append(flag)
-        elif isinstance(value, list) and all(isinstance(item, list) for item in value):
-            parts += [f"{flag} {'='.join(item)}" for item in value]  # NAME=DIR pairs, one flag each
-        elif isinstance(value, list):
-            parts.append(f"{flag} {' '.join(map(str, value))}")
-        else:
-            parts.append(f"{flag} {value}")
-    return " ".join(parts)
 
 
 def main() -> None:
@@ -51,13 +33,13 @@ def main() -> None:
     lines = ["# The phantom benchmark", "",
              "Made by `scripts/write_benchmark_page.py` from the JSON of the runs below (rerun them to reproduce).", "",
              "## medm2g-tiny against the same checkpoint's stage-2 LDMs", "",
-             f"```bash\n{command_of(main_results)}\n```", "", markdown_tables(main_results)]
+             f"```bash\n{evaluate_command(main_results)}\n```", "", markdown_tables(main_results)]
     if args.ablation:
         ablation = json.loads(Path(args.ablation).read_text())
         lines += ["## Ablation (text <-> X-ray, every variant retrained on one budget: `training/recipes/ablation.sh`)", "",
                   "Variants: `baseline` = single-flow LDMs on unaligned prompt encoders; `ca` + central alignment; "
                   "`ca_lcga` + cross-guided generation; `ca_vi` + visual invariant; `all` = all three.", "",
-                  f"```bash\nbash training/recipes/ablation.sh && bash training/recipes/ablation.sh evaluate\n# = {command_of(ablation)}\n```", "",
+                  f"```bash\nbash training/recipes/ablation.sh && bash training/recipes/ablation.sh evaluate\n# = {evaluate_command(ablation)}\n```", "",
                   markdown_tables(ablation)]
         times = Path(args.ablation).parents[1] / "recipe_times.log"
         if times.is_file():

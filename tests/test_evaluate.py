@@ -236,3 +236,13 @@ def test_phantom_validation_split(evaluated, tmp_path):
     assert results["data"].endswith("(held-out validation split)") and results["skipped"] == {}
     entry = results["image_to_image"]["T2+PD -> T1"]
     assert entry["split"] == "validation" and entry["tiny"]["n"] == 4
+
+
+def test_evaluate_command_is_rebuilt_from_the_recorded_arguments():
+    from medm2g_diffusers.evaluation.benchmark_tables import evaluate_command
+
+    results = {"arguments": {"command": "evaluate", "model": "runs/x/lora", "baseline": [["plain_ldm", "runs/x/scratch"]],
+                             "quick": False, "split": "validation", "tasks": ["image_to_image"],
+                             "translations": [["T1+T2 -> FLAIR", ["mri_t1", "mri_t2"], "mri_flair"]], "seed": None}}
+    assert evaluate_command(results) == ("medm2g evaluate --model runs/x/lora --baseline plain_ldm=runs/x/scratch --split validation "
+                                         "--tasks image_to_image --translations 'mri_t1+mri_t2->mri_flair'")

@@ -341,7 +341,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     output_dir = Path(args.output_dir) if args.output_dir else task_root / f"{mode}_training"
     model_dir = task_root / mode
 
-    accelerator = Accelerator(mixed_precision=cfg.get("mixed_precision", "no"))
+    # Our schedules count optimizer steps; accelerate would otherwise step a prepared scheduler once per process.
+    accelerator = Accelerator(mixed_precision=cfg.get("mixed_precision", "no"), step_scheduler_with_optimizer=False)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(seed)
     device = accelerator.device

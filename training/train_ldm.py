@@ -249,7 +249,7 @@ def build_unet(family: str, cfg: dict[str, Any], components: dict[str, Any], sam
 
 def unet_kwargs(unet, encoded: Encoded) -> dict[str, Any]:
     kwargs = {"encoder_hidden_states": encoded.condition.tokens, "encoder_attention_mask": encoded.condition.mask}
-    if getattr(unet.config, "num_class_embeds", None):
+    if getattr(getattr(unet, "module", unet).config, "num_class_embeds", None):  # unet may be DDP-wrapped
         kwargs["class_labels"] = encoded.class_labels
     return kwargs
 
@@ -320,7 +320,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     output_root = Path(config.get("output_root", "runs/tiny"))
     output_dir = Path(args.output_dir) if args.output_dir else output_root / f"ldm_{args.family}"
 
-    accelerator = Accelerator(mixed_precision=cfg.get("mixed_precision", "no"))
+    # Our schedules count optimizer steps; accelerate would otherwise step a prepared scheduler once per process.
+    accelerator = Accelerator(mixed_precision=cfg.get("mixed_precision", "no"), step_scheduler_with_optimizer=False)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     set_seed(seed)
     torch.manual_seed(seed)

@@ -364,6 +364,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     accelerator = Accelerator(
         mixed_precision=cfg.get("mixed_precision", "no"),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        step_scheduler_with_optimizer=False,  # the round schedules count optimizer steps, not steps x processes
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(seed)

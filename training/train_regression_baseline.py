@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_dir = task_root / "regression"
     dataset_path = args.dataset or cfg["dataset"]
 
-    accelerator = Accelerator(mixed_precision=cfg.get("mixed_precision", "no"))
+    # Our schedules count optimizer steps; accelerate would otherwise step a prepared scheduler once per process.
+    accelerator = Accelerator(mixed_precision=cfg.get("mixed_precision", "no"), step_scheduler_with_optimizer=False)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     set_seed(seed)
     device = accelerator.device

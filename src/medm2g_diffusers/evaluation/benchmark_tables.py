@@ -147,3 +147,24 @@ def markdown_tables(results: dict) -> str:
     if results.get("skipped"):
         parts.append(skipped_list(results))
     return "\n".join(line for part in parts for line in part)
+
+
+def evaluate_command(results: dict) -> str:
+    """The `medm2g evaluate` command line that produced ``results`` (from its recorded ``arguments``)."""
+    args = results.get("arguments") or {}
+    parts = ["medm2g evaluate"]
+    for key, value in args.items():
+        if key == "command" or value in (None, False, []):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key == "translations":  # parsed (name, sources, target) triples, written back as SRC+SRC->TARGET
+            parts += [f"{flag} '{'+'.join(sources)}->{target}'" for _, sources, target in value]
+        elif value is True:
+            parts.append(flag)
+        elif isinstance(value, list) and all(isinstance(item, list) for item in value):
+            parts += [f"{flag} {'='.join(item)}" for item in value]  # NAME=DIR pairs, one flag each
+        elif isinstance(value, list):
+            parts.append(f"{flag} {' '.join(map(str, value))}")
+        else:
+            parts.append(f"{flag} {value}")
+    return " ".join(parts)

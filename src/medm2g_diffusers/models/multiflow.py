@@ -29,15 +29,21 @@ cross-guided route, so both can be measured.
 
 from __future__ import annotations
 
+import inspect
 import json
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, Union
 
 import torch
+from accelerate import init_empty_weights
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention_processor import Attention
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME
+from safetensors import safe_open
 from torch import nn
 
 from ..modalities import family_keys, get_modality, modalities_of_family
@@ -59,6 +65,119 @@ def is_text_family(family: str) -> bool:
 def _plain_config(model: ModelMixin) -> dict[str, Any]:
     """A model's init config as JSON types (tuples become lists), without diffusers' private ``_`` keys."""
     return json.loads(json.dumps({k: v for k, v in model.config.items() if not k.startswith("_")}))
+
+
+# ------------------------------------------------------------------------------------- partial loading
+
+
+def read_safetensors(folder: str | os.PathLike, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    r"""
+    Reads the tensors ``names``, and only those, from the weights ``save_pretrained`` wrote in ``folder``:
+    ``diffusion_pytorch_model.safetensors``, or the shards its ``.index.json`` lists (only the shards that hold
+    one of ``names`` are opened). `safetensors.safe_open` maps a file and copies out just the tensors asked for,
+    so the others never enter memory.
+
+    Returns:
+        `dict[str, torch.Tensor]`: name -> tensor, in the dtype it is stored in.
+
+    Raises:
+        FileNotFoundError: ``folder`` has neither file (pickle weights are never read here).
+        ValueError: a tensor of ``names`` is not in the weights, or the index names a file outside ``folder``.
+    """
+    folder = Path(folder)
+    single, index = folder / SAFETENSORS_WEIGHTS_NAME, folder / SAFE_WEIGHTS_INDEX_NAME
+    if single.is_file():
+        files = dict.fromkeys(names, single)
+    elif index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        missing = [name for name in names if name not in weight_map]
+        if missing:
+            raise ValueError(
+                f"{index} lists no shard for {len(missing)} tensors of the model, e.g. {missing[:3]}: the weights do not match config.json"
+            )
+        outside = sorted({shard for shard in weight_map.values() if Path(shard).name != shard})
+        if outside:
+            raise ValueError(f"{index} names shard files outside {folder}: {outside[:3]}")
+        files = {name: folder / weight_map[name] for name in names}
+    else:
+        raise FileNotFoundError(
+            f"{folder} has no {SAFETENSORS_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}; partial loading reads safetensors only"
+        )
+    tensors = {}
+    for path in dict.fromkeys(files.values()):
+        wanted = [name for name, file in files.items() if file == path]
+        with safe_open(str(path), framework="pt") as handle:
+            missing = sorted(set(wanted) - set(handle.keys()))
+            if missing:
+                raise ValueError(f"{path} lacks {len(missing)} tensors of the model, e.g. {missing[:3]}: the weights do not match config.json")
+            for name in wanted:
+                tensors[name] = handle.get_tensor(name)
+    return tensors
+
+
+def loading_dtype(kwargs: dict[str, Any]) -> torch.dtype | None:
+    """The weights' dtype among from_pretrained options: ``dtype``, or diffusers' older name ``torch_dtype``."""
+    dtype, torch_dtype = kwargs.get("dtype"), kwargs.get("torch_dtype")
+    if dtype is not None and torch_dtype is not None:
+        raise ValueError(f"pass dtype or torch_dtype (its older name), not both; got dtype={dtype!r}, torch_dtype={torch_dtype!r}")
+    dtype = dtype if dtype is not None else torch_dtype
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be one floating torch.dtype such as torch.bfloat16; got {dtype!r}")
+    return dtype
+
+
+def load_model_subset(
+    model_class: type[ModelMixin],
+    folder: str | os.PathLike,
+    *,
+    config_updates: dict[str, Any] | None = None,
+    prune: Callable[[ModelMixin], None] | None = None,
+    dtype: torch.dtype | None = None,
+) -> ModelMixin:
+    r"""
+    Loads a part of a diffusers model saved in a local folder, reading only that part's tensors.
+
+    The model is built with empty (meta) weights, as ``ModelMixin.from_pretrained`` builds it, from the folder's
+    ``config.json`` updated by ``config_updates`` (e.g. ``{"families": ["text"]}`` for a `MedM2GPromptEncoders`
+    with its text encoder only); ``prune`` may then delete submodules; exactly the tensors of what is left are read
+    with :func:`read_safetensors` and assigned. Floating tensors are cast to ``dtype``, or to the model's own dtype
+    without one, as diffusers casts them, so every part holds the values a full load gives it.
+
+    Args:
+        model_class (`type[ModelMixin]`): the model's class.
+        folder (`str` or `os.PathLike`): a local folder written by ``save_pretrained``.
+        config_updates (`dict`, *optional*): config values to change before building.
+        prune (`Callable[[ModelMixin], None]`, *optional*): called on the empty model; deletes what is not loaded.
+        dtype (`torch.dtype`, *optional*): the dtype to build in and cast floating weights to.
+
+    Returns:
+        The model, on the CPU in eval mode, with ``_name_or_path`` set to ``folder``.
+    """
+    dtype = loading_dtype({"dtype": dtype})
+    config = dict(model_class.load_config(str(folder)))
+    config.update(config_updates or {})
+    default_dtype = torch.get_default_dtype()
+    try:
+        if dtype is not None:  # what diffusers does, so that buffers built in __init__ get the dtype too
+            torch.set_default_dtype(dtype)
+        with init_empty_weights():
+            model = model_class.from_config(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    if prune is not None:
+        prune(model)
+    expected = model.state_dict()
+    state = read_safetensors(folder, list(expected))
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"{name} in {folder} has shape {tuple(tensor.shape)}; config.json builds {tuple(expected[name].shape)}")
+        if dtype is None:
+            state[name] = tensor.to(expected[name].dtype)
+        elif tensor.is_floating_point():
+            state[name] = tensor.to(dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.register_to_config(_name_or_path=str(folder))
+    return model.eval()
 
 
 class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
@@ -167,7 +286,8 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
         keys = self.source_slots_of(family)
         if self.config.source_guidance and not is_text_family(family):
             keys += [
-                key for other in self.unets if not is_text_family(other) for key in modalities_of_family(other) if key not in keys
+                key for other in self.checkpoint_families if not is_text_family(other)
+                for key in modalities_of_family(other) if key not in keys
             ]
         return keys
 
@@ -186,6 +306,104 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
         unet.set_attn_processor(processors)
 
     # ----------------------------------------------------------------------------------------- construction
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        families: Sequence[str] | None = None,
+        source_families: Sequence[str] | None = None,
+        **kwargs,
+    ) -> "MedM2GMultiFlowModel":
+        r"""
+        ``ModelMixin.from_pretrained``, or, with ``families``, only some families' parts of the model.
+
+        Without ``families`` this is diffusers' own loading, unchanged. With it, the other families' denoisers
+        (and their θ_c) and context encoders are neither built nor read: :func:`load_model_subset` reads just the
+        loaded parts' tensors from the safetensors. Such a model generates its loaded families as the whole model
+        does, bit for bit; a stream of another family is refused with a `ValueError` naming it, and so is
+        ``save_pretrained`` (it would write a checkpoint without the other families).
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`): with ``families``, a local folder.
+            families (`Sequence[str]`, *optional*): the families whose denoiser and context encoder to load, e.g.
+                ``["xray"]`` for text -> X-ray (conditions enter through the prompt encoders, not a denoiser).
+            source_families (`Sequence[str]`, *optional*): families whose context encoder only is loaded too: the
+                clean image sources of a ``source_guidance`` model, which reach θ_c as ``V_S(z_0^S, 0)``. Needs
+                ``families``.
+            kwargs: diffusers' loading options; with ``families`` only ``subfolder``, ``dtype`` (or ``torch_dtype``)
+                and ``use_safetensors`` (not `False`) are supported.
+        """
+        if families is None:
+            if source_families is not None:
+                raise ValueError("source_families needs families: pass the families whose denoisers to load as well")
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        unsupported = sorted(set(kwargs) - {"subfolder", "dtype", "torch_dtype", "use_safetensors"})
+        if unsupported:
+            raise ValueError(f"with families=, only subfolder, dtype (torch_dtype) and use_safetensors are supported; got {unsupported}")
+        dtype = loading_dtype(kwargs)
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("with families=, weights are read from safetensors only; got use_safetensors=False")
+        folder = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "")
+        if not folder.is_dir():
+            raise ValueError(
+                f"with families=, pretrained_model_name_or_path must be a local folder; {os.fspath(folder)!r} is not one "
+                "(download a Hub model first, e.g. with huggingface_hub.snapshot_download)"
+            )
+        checkpoint = [family for family in family_keys() if family in cls.load_config(str(folder))["unet_configs"]]
+        named = {}
+        for name, value in (("families", families), ("source_families", source_families or [])):
+            if isinstance(value, str) or not isinstance(value, Sequence) or not all(isinstance(f, str) for f in value):
+                raise ValueError(f"{name} must be a list of family names from {checkpoint}; got {value!r}")
+            unknown = [family for family in value if family not in checkpoint]
+            if unknown or len(set(value)) != len(value):
+                raise ValueError(f"{name} must list distinct families of this checkpoint, {checkpoint}; got {list(value)}")
+            named[name] = set(value)
+        if not named["families"]:
+            raise ValueError(f"families must name at least one family of {checkpoint}; got []")
+
+        def prune(model: "MedM2GMultiFlowModel") -> None:
+            for family in checkpoint:
+                if family not in named["families"]:
+                    del model.unets[family]
+                    if family not in named["source_families"]:
+                        del model.context_encoders[family]
+
+        return load_model_subset(cls, folder, prune=prune, dtype=dtype)
+
+    @property
+    def checkpoint_families(self) -> list[str]:
+        """The families this model has denoisers for in its config (registry order), whether loaded or not."""
+        return [family for family in family_keys() if family in self.config.unet_configs]
+
+    @property
+    def is_partial(self) -> bool:
+        """Whether some family's denoiser or context encoder was not loaded (``from_pretrained(families=...)``)."""
+        return list(self.unets) != self.checkpoint_families or list(self.context_encoders) != self.checkpoint_families
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        r"""``ModelMixin.save_pretrained``; refused for a partially loaded model, whose config names families it does
+        not hold (the saved checkpoint would not load)."""
+        if self.is_partial:
+            raise ValueError(
+                f"this model holds the denoisers {list(self.unets)} and context encoders {list(self.context_encoders)} of "
+                f"{self.checkpoint_families} (loaded with families=); load it whole to save it"
+            )
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    # DiffusionPipeline.save_pretrained passes safe_serialization, variant and max_shard_size only to save methods
+    # whose signature names them.
+    save_pretrained.__signature__ = inspect.signature(ModelMixin.save_pretrained)
+
+    def _loaded(self, modules: nn.ModuleDict, family: str, what: str) -> nn.Module:
+        """``modules[family]``, or a ValueError that names what to load when a partial load skipped it."""
+        if family not in modules:
+            raise ValueError(
+                f"the {family!r} {what} is not loaded: this model was loaded with families={list(self.unets)}; load it with "
+                f"from_pretrained(..., families=[..., {family!r}]) or without families="
+            )
+        return modules[family]
 
     @classmethod
     def from_single_flow(
@@ -282,6 +500,8 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
         Returns:
             `MedM2GMultiFlowModel`, a new model (this one is unchanged), on this model's device and dtype.
         """
+        if self.is_partial:
+            raise ValueError(f"with_source_slots needs the whole model; this one was loaded with families={list(self.unets)}")
         slots = {family: self.source_slots_of(family) for family in self.unets if not is_text_family(family)}
         for family, keys in extra_slots.items():
             if family not in slots:
@@ -388,9 +608,10 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
 
     def family_of(self, key: str) -> str:
         """The family of a stream key, which is a family (``"mri"``) or a modality key (``"mri_t1"``)."""
-        family = key if key in self.unets else get_modality(key, "latents key").family
-        if family not in self.unets:
-            raise ValueError(f"latents key {key!r} is of family {family!r}; this model has denoisers for {list(self.unets)}")
+        families = self.checkpoint_families
+        family = key if key in families else get_modality(key, "latents key").family
+        if family not in families:
+            raise ValueError(f"latents key {key!r} is of family {family!r}; this model has denoisers for {families}")
         return family
 
     def guidance_tokens(
@@ -403,7 +624,8 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
             `dict[str, torch.Tensor]`: key -> tokens of shape `(batch, N_B + K_B, guidance_dim)`.
         """
         return {
-            key: self.context_encoders[self.family_of(key)](sample, timesteps[key]) for key, sample in latents.items()
+            key: self._loaded(self.context_encoders, self.family_of(key), "context encoder")(sample, timesteps[key])
+            for key, sample in latents.items()
         }
 
     def forward(
@@ -471,7 +693,7 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
         predictions = {}
         for key, sample in latents.items():
             family = self.family_of(key)
-            unet = self.unets[family]
+            unet = self._loaded(self.unets, family, "denoiser")
             stream_sources = sources.get(key, {})
             accepted = self.accepted_sources(family)
             refused = [source for source in stream_sources if source not in accepted]
@@ -490,7 +712,10 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
             others = [tokens_b for other, tokens_b in guidance.items() if other != key]
             if self.config.source_guidance:
                 # The paper's route for a clean source: its context tokens at t = 0.
-                others += [self.context_encoders[self.family_of(src)](latent, 0) for src, latent in stream_sources.items()]
+                others += [
+                    self._loaded(self.context_encoders, self.family_of(src), "context encoder")(latent, 0)
+                    for src, latent in stream_sources.items()
+                ]
             cross_attention_kwargs = None
             if others:
                 cross_attention_kwargs = {

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Union
 
 import numpy as np
@@ -18,8 +20,8 @@ from transformers import PreTrainedTokenizerBase
 from ..checkpoints import check_safe_to_load, resolve_checkpoint
 from ..data.io import tag_synthetic
 from ..loaders.lora import MedM2GLoraLoaderMixin
-from ..modalities import MODALITIES, from_model_range, get_modality, image_modality_keys, modality_keys, to_model_range
-from ..models.multiflow import MedM2GMultiFlowModel
+from ..modalities import MODALITIES, family_keys, from_model_range, get_modality, image_modality_keys, modality_keys, to_model_range
+from ..models.multiflow import MedM2GMultiFlowModel, load_model_subset, loading_dtype
 from ..models.prompt_encoders import MedM2GPromptEncoders
 from ..models.text_vae import MedM2GTextVAE
 from ..single_flow import Condition
@@ -27,6 +29,32 @@ from .pipeline_output import MedM2GPipelineOutput
 
 ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, Sequence[Union[PIL.Image.Image, np.ndarray, torch.Tensor]]]
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass(frozen=True)
+class _PartialLoad:
+    """What ``MedM2GPipeline.from_pretrained(targets=..., conditions=...)`` loaded, for the errors of calls that need
+    more. ``targets`` / ``conditions`` are as the caller gave them (`None`: everything); ``denoisers`` and
+    ``prompt_encoders`` are the families loaded."""
+
+    name: str
+    targets: list[str] | None
+    conditions: list[str] | None
+    denoisers: list[str]
+    prompt_encoders: list[str]
+
+
+def _families_of(keys, parameter: str, available: list[str], what: str) -> list[str]:
+    """The families (in ``available``'s order) of a list of modality keys or family names."""
+    if isinstance(keys, str) or not isinstance(keys, (list, tuple)) or not keys or not all(isinstance(k, str) for k in keys):
+        raise ValueError(f"{parameter} must be a non-empty list of modality keys or families; got {keys!r}")
+    families = set()
+    for key in keys:
+        family = key if key in family_keys() else get_modality(key, parameter).family
+        if family not in available:
+            raise ValueError(f"{parameter} has {key!r}, of family {family!r}; this checkpoint has {what} for {available}")
+        families.add(family)
+    return [family for family in available if family in families]
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -73,33 +101,132 @@ class MedM2GPipeline(DiffusionPipeline, MedM2GLoraLoaderMixin):
 
     model_cpu_offload_seq = "prompt_encoders->multiflow->vae->text_vae"
 
+    # Set by from_pretrained(targets=..., conditions=...): what this pipeline holds of its checkpoint.
+    _partial_load: _PartialLoad | None = None
+
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *, allow_pickle: bool = False, **kwargs):
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        *,
+        allow_pickle: bool = False,
+        targets: Sequence[str] | None = None,
+        conditions: Sequence[str] | None = None,
+        **kwargs,
+    ):
         r"""
         [`DiffusionPipeline.from_pretrained`], safetensors only, plus the names of the checkpoints bundled with
         the repository: `MedM2GPipeline.from_pretrained("medm2g-tiny")` loads `checkpoints/medm2g-tiny` offline.
-        Its weights are stored in fp16 and load as fp32 unless `torch_dtype` says otherwise.
+        Its weights are stored in fp16 and load as fp32 unless `dtype` (`torch_dtype`) says otherwise.
 
         Args:
             allow_pickle (`bool`, defaults to `False`): a checkpoint with pickle weight files (`.bin`, `.pt`,
                 `.ckpt`, ...) is refused with [`~medm2g_diffusers.checkpoints.UnsafeCheckpointError`] unless this
                 is `True`, because unpickling can run arbitrary code. `trust_remote_code` and `custom_pipeline`
                 are always refused: a MedM2G checkpoint is weights and configs, never code.
+            targets (`list[str]`, *optional*): load only what generating these modality keys (or families) needs:
+                their families' denoisers and context encoders, and the text VAE only when ``"text"`` is one. The
+                other denoisers are neither built nor read from the safetensors
+                ([`MedM2GMultiFlowModel.from_pretrained`] with ``families``). Default: every target.
+            conditions (`list[str]`, *optional*): load only the prompt encoders of these modality keys or families,
+                ``"text"`` being the prompt. Default: every condition. So ``targets=["xray"], conditions=["text"]``
+                loads, for a text -> X-ray call, the X-ray denoiser and context encoder, the text prompt encoder,
+                the image VAE (its decoder makes the image; its encoder is kept, image conditions need it), the
+                tokenizer and the scheduler. A call that needs anything else is refused with a
+                `ValueError` naming what to load, and so is `save_pretrained`. Both need a local folder (or a
+                bundled name); what is loaded gives the outputs a full load gives, bit for bit.
             revision (`str`, *optional*): for a Hub repository, pin a commit hash so that what is loaded
                 cannot change under you (the demo refuses a Hub model without one).
         """
         path = resolve_checkpoint(pretrained_model_name_or_path)
         check_safe_to_load(path, allow_pickle=allow_pickle, **kwargs)
         kwargs.setdefault("use_safetensors", None if allow_pickle else True)
+        partial = None
+        if targets is not None or conditions is not None:
+            components, partial = cls._load_parts(path, str(pretrained_model_name_or_path), targets, conditions, kwargs)
+            kwargs.update(components)
         pipe = super().from_pretrained(path, **kwargs)
         if path != pretrained_model_name_or_path:
             # Provenance names the model as the user did ("medm2g-tiny"), not a local folder.
             pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+        pipe._partial_load = partial
         return pipe
+
+    @classmethod
+    def _load_parts(cls, path: str, name: str, targets, conditions, kwargs: dict[str, Any]) -> tuple[dict[str, Any], _PartialLoad]:
+        """The components ``from_pretrained(targets=, conditions=)`` loads in part (diffusers loads the others)."""
+        if not os.path.isdir(path):
+            raise ValueError(
+                f"targets= and conditions= read only the needed weights of a local folder; {name!r} is not one (download it "
+                "first, e.g. huggingface_hub.snapshot_download(repo_id, revision=...), and pass the folder)"
+            )
+        passed = [key for key in ("multiflow", "prompt_encoders", "text_vae") if key in kwargs]
+        if passed:
+            raise ValueError(f"targets= and conditions= choose what is loaded of {passed}; pass either those components or targets/conditions")
+        unsupported = [key for key in ("variant", "device_map") if kwargs.get(key) is not None]
+        if unsupported:
+            raise ValueError(f"{unsupported} cannot be combined with targets= or conditions=")
+        dtype = loading_dtype(kwargs)  # one dtype for every part (diffusers' per-component dict is not supported here)
+        multiflow_config = MedM2GMultiFlowModel.load_config(os.path.join(path, "multiflow"))
+        denoisable = [family for family in family_keys() if family in multiflow_config["unet_configs"]]
+        encodable = list(MedM2GPromptEncoders.load_config(os.path.join(path, "prompt_encoders"))["families"])
+        denoisers = denoisable if targets is None else _families_of(targets, "targets", denoisable, "denoisers")
+        encoders = encodable if conditions is None else _families_of(conditions, "conditions", encodable, "prompt encoders")
+        components: dict[str, Any] = {}
+        if targets is not None:
+            # A source_guidance model reads a clean image source through that family's context encoder V_S.
+            sources = [family for family in encoders if multiflow_config.get("source_guidance") and family != "text"
+                       and family in denoisable and family not in denoisers]
+            components["multiflow"] = MedM2GMultiFlowModel.from_pretrained(
+                path, subfolder="multiflow", families=denoisers, source_families=sources, dtype=dtype
+            )
+            if "text" not in denoisers:
+                components["text_vae"] = None  # it only turns generated text latents into reports
+        if conditions is not None:
+            components["prompt_encoders"] = load_model_subset(
+                MedM2GPromptEncoders, os.path.join(path, "prompt_encoders"), config_updates={"families": encoders}, dtype=dtype
+            )
+        record = _PartialLoad(
+            name=name, targets=None if targets is None else list(targets), conditions=None if conditions is None else list(conditions),
+            denoisers=denoisers, prompt_encoders=encoders,
+        )
+        return components, record
+
+    def _refuse_unloaded(self, prompt, conditions, targets) -> None:
+        """A pipeline loaded with targets=/conditions= refuses a call that needs a part it did not load, naming it.
+        Malformed inputs are left to the rest of `check_inputs`."""
+        partial = self._partial_load
+        if partial is None or not isinstance(targets, (list, tuple)) or not isinstance(conditions or {}, dict):
+            return
+        targets = [t for t in targets if isinstance(t, str) and t in MODALITIES]
+        given = (["text"] if prompt is not None else []) + [k for k in conditions or {} if isinstance(k, str) and k in MODALITIES]
+        missing_targets = [t for t in targets if MODALITIES[t].family not in partial.denoisers]
+        missing_conditions = [k for k in given if MODALITIES[k].family not in partial.prompt_encoders]
+        if not missing_targets and not missing_conditions:
+            return
+        lacks, load = [], []
+        if missing_targets:
+            lacks.append(f"the denoisers of targets {missing_targets}")
+        if missing_conditions:
+            lacks.append(f"the prompt encoders of conditions {missing_conditions}")
+        for name, loaded, missing in (("targets", partial.targets, missing_targets), ("conditions", partial.conditions, missing_conditions)):
+            if loaded is not None:
+                load.append(f"{name}={loaded + [key for key in missing if key not in loaded]}")
+        raise ValueError(
+            f"this pipeline was loaded with targets={partial.targets}, conditions={partial.conditions} and lacks "
+            f"{' and '.join(lacks)}: load it with MedM2GPipeline.from_pretrained({partial.name!r}, {', '.join(load)}) "
+            "or without targets=/conditions="
+        )
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         r"""[`DiffusionPipeline.save_pretrained`]; refused while LoRA adapters are loaded, since the saved model would
-        not reload (save the adapters with `save_lora_weights`, or `unload_lora_weights` first)."""
+        not reload (save the adapters with `save_lora_weights`, or `unload_lora_weights` first), and for a pipeline
+        loaded with ``targets=`` / ``conditions=`` (it lacks the other parts)."""
+        if self._partial_load is not None:
+            raise ValueError(
+                f"this pipeline was loaded with targets={self._partial_load.targets}, conditions={self._partial_load.conditions} "
+                "and lacks the other parts of its checkpoint: load it whole to save it"
+            )
         if self.get_list_adapters():
             raise ValueError(
                 f"this pipeline holds LoRA adapters {self.get_list_adapters()}: save them with save_lora_weights(...), or call "
@@ -175,6 +302,7 @@ class MedM2GPipeline(DiffusionPipeline, MedM2GLoraLoaderMixin):
         max_text_tokens,
         callback_on_step_end_tensor_inputs,
     ) -> None:
+        self._refuse_unloaded(prompt, conditions, targets)
         if isinstance(targets, str) or not isinstance(targets, (list, tuple)) or not targets:
             raise ValueError(f"targets must be a non-empty list of modality keys from {self.supported_targets()}; got {targets!r}")
         for target in targets:
