@@ -6,9 +6,9 @@ Reads each task's `medm2g evaluate` JSON (``<root>/evaluate/<task>/benchmark.jso
 (``<root>/<task>/<mode>_training/budget.json``) and the datasets' ``prepare_info.json``; adds, per image -> image
 task, the paired difference of the LoRA adapter against every other model (mean over the same validation images,
 with its standard error) and the ceiling the shared image VAE puts on every latent model (its reconstruction of
-the real targets); and draws the samples side by side. Real images never enter the repository: the committed
-montage holds generated images only, and a copy with the sources and the real targets goes to
-``<root>/montages`` for local viewing. Everything above the notes marker is regenerated; the hand-written
+the real targets); and draws the samples side by side into ``<root>/montages`` (sources | each model | real).
+Nothing derived from the real images enters the repository, generated samples included: they show the
+anatomy of real patients. Everything above the notes marker is regenerated; the hand-written
 reading below it is kept.
 """
 
@@ -109,8 +109,8 @@ def vae_ceiling(results: dict, data: Path) -> list[str]:
     return lines + [""] if lines else []
 
 
-def montage(results: dict, data: Path, root: Path, task: str, images_dir: Path) -> list[str]:
-    """Generated images side by side (committed), and the same with sources and real targets (local only)."""
+def montage(results: dict, data: Path, root: Path, task: str) -> list[str]:
+    """The sources, every model's sample and the real target side by side, written under ``root`` (never committed)."""
     lines = []
     split = load_medm2g_dataset(data)[results.get("split", "test")]
     cfg = BenchmarkConfig(**{k: v for k, v in results["config"].items() if k in BenchmarkConfig.__dataclass_fields__})
@@ -129,16 +129,14 @@ def montage(results: dict, data: Path, root: Path, task: str, images_dir: Path) 
         stack = lambda images: np.concatenate(list(images), axis=0)  # noqa: E731
         generated = np.concatenate([stack(c) for c in columns], axis=1)
         layout = " | ".join(names)
-        path = images_dir / f"real-data-{task}.png"
-        write_png(path, generated, provenance={"model": f"{layout} ({task}, {results.get('split')} split)", "layout": f"columns: {layout}"})
         real = [stack(np.stack([display_range(a, k) for a in native[k]])) for k in [*sources, target]]
         local = root / "montages" / f"{task}.png"
         local.parent.mkdir(parents=True, exist_ok=True)
         write_png(local, np.concatenate([*real[:-1], generated, real[-1]], axis=1),
                   provenance={"model": f"{layout} ({task})", "layout": f"columns: {' | '.join(sources)} | {layout} | real {target}"})
-        lines += [f"![{name}: generated]({path.name})", "",
-                  f"*{name}, the first {rows.num_rows} validation slices; columns: {layout}. Generated images only (real data stays "
-                  f"out of the repository): `{local}` adds the sources and the real {target} beside them.*", ""]
+        lines += [f"Samples side by side ({name}, the first {rows.num_rows} validation slices): `{local}`, columns "
+                  f"{' | '.join(sources)} | {layout} | real {target}. It stays out of the repository: even the generated columns "
+                  "show the anatomy of real patients, whose images the data licences keep out of it.", ""]
     return lines
 
 
@@ -171,7 +169,7 @@ def main() -> None:
     lines = ["# Real data: LoRA fine-tuning against the unfine-tuned model and same-budget baselines", "",
              "Made by `scripts/real_data/write_results_page.py` from the runs of `bash scripts/real_data/run_all.sh` (prepare, "
              "train every model, evaluate; about an hour on 2 cores). Real data never enters the repository: the datasets are "
-             "read from `../shared/data`, and the montages below hold generated images only.", "",
+             "read from `../shared/data`, and the sample montages are written beside the runs (`runs/real/montages`), not here.", "",
              "Every model of a task trains the same steps x batch on the same training split: the LoRA adapter "
              "(`training/finetune_lora.py`, `training/configs/lora.yaml`) on the bundled medm2g-tiny, the plain conditional LDM "
              "(`--init scratch`: the same denoisers from random weights, trained in full, with the same frozen VAE and prompt "
@@ -189,7 +187,7 @@ def main() -> None:
             lines += vae_ceiling(results, root / data)
         lines += ["Training budgets (`budget.json` of each run):", "", *budget_table(root, task)]
         if "image_to_image" in results and not args.no_montage:
-            lines += montage(results, root / data, root, task, out.parent)
+            lines += montage(results, root / data, root, task)
     atomic_write_text(out, "\n".join(lines) + "\n" + NOTES_MARKER + notes)
     print(f"wrote {out}")
 

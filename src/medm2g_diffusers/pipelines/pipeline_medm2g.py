@@ -72,6 +72,90 @@ EXAMPLE_DOC_STRING = """
 """
 
 
+def preprocess_condition_image(key: str, image: ImageInput, size: int) -> torch.Tensor:
+    r"""
+    One condition's images in the model range (`MedM2GPipeline.preprocess_condition`, also used by the regression
+    baseline's pipeline so that both read conditions alike).
+
+    Args:
+        key (`str`): the condition's modality key.
+        image: a PIL image, an array/tensor `(H, W)`, `(1, H, W)` or `(batch, 1, H, W)` in native units, or a
+            list of those.
+
+    Returns:
+        `torch.Tensor` of shape `(batch, 1, image_size, image_size)` in `[-1, 1]`.
+    """
+    if isinstance(image, (list, tuple)):
+        if not image:
+            raise ValueError(f"conditions[{key!r}] is an empty list")
+        return torch.cat([preprocess_condition_image(key, item, size) for item in image])
+    if isinstance(image, PIL.Image.Image):
+        if image.mode == "L":
+            values = np.asarray(image, dtype=np.float32) / 255.0
+        elif image.mode in ("I;16", "I;16B", "I;16L"):
+            values = np.asarray(image, dtype=np.float32) / 65535.0
+        elif image.mode == "F":
+            values = np.asarray(image, dtype=np.float32)
+            if not np.isfinite(values).all():
+                raise ValueError(f"conditions[{key!r}] has NaN or infinite values")
+        else:
+            raise ValueError(
+                f"conditions[{key!r}] must be a single-channel (greyscale) image; got PIL mode {image.mode!r} "
+                f"with {len(image.getbands())} channels (convert it with image.convert('L') if it is grey)"
+            )
+        model = torch.from_numpy(np.clip(values, 0.0, 1.0) * 2.0 - 1.0)[None, None]
+    elif isinstance(image, (np.ndarray, torch.Tensor)):
+        # Real numbers only: complex values would lose their imaginary part, objects/strings cannot convert.
+        if isinstance(image, np.ndarray) and image.dtype.kind not in "biuf":
+            raise ValueError(f"conditions[{key!r}] must hold real numbers; got dtype {image.dtype}")
+        if isinstance(image, torch.Tensor) and (image.is_complex() or image.is_quantized):
+            raise ValueError(f"conditions[{key!r}] must hold real numbers; got dtype {image.dtype}")
+        # float64 first, so that NaN/inf is told apart from finite values that overflow float32.
+        tensor = (torch.from_numpy(np.array(image, dtype=np.float64)) if isinstance(image, np.ndarray)
+                  else image.detach().cpu().to(torch.float64))
+        if tensor.ndim == 2:
+            tensor = tensor[None, None]
+        elif tensor.ndim == 3 and tensor.shape[0] == 1:
+            tensor = tensor[None]
+        elif not (tensor.ndim == 4 and tensor.shape[1] == 1):
+            raise ValueError(
+                f"conditions[{key!r}] must have shape (H, W), (1, H, W) or (batch, 1, H, W) with one channel; "
+                f"got {tuple(tensor.shape)}"
+            )
+        if tensor.numel() == 0:
+            raise ValueError(f"conditions[{key!r}] is empty; got shape {tuple(tensor.shape)}")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"conditions[{key!r}] has NaN or infinite values")
+        tensor = tensor.float()
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"conditions[{key!r}] has values beyond the float32 range")
+        model = to_model_range(tensor, key)
+        if not torch.isfinite(model).all():  # e.g. MRI percentile scaling of values near the float32 limit
+            raise ValueError(f"conditions[{key!r}] has values too large to scale to the model range")
+    else:
+        raise ValueError(f"conditions[{key!r}] must be a PIL image, a NumPy array or a torch tensor; got {type(image).__name__}")
+    if model.shape[-2:] != (size, size):
+        raise ValueError(
+            f"conditions[{key!r}] must be {size}x{size} (this checkpoint's image size); got "
+            f"{model.shape[-2]}x{model.shape[-1]}: resize or crop it first"
+        )
+    return model
+
+def postprocess_images(target: str, images: torch.Tensor, output_type: str, ct_in_hu: bool, provenance: dict[str, Any]):
+    """Model-range images `(batch, 1, H, W)` -> `"pt"` / `"np"` in `[0, 1]` (CT in HU with ``ct_in_hu``), or PIL images
+    tagged synthetic with ``provenance``."""
+    if output_type in ("np", "pt") and ct_in_hu and MODALITIES[target].family == "ct":
+        values = from_model_range(images.float().cpu(), target)
+    else:
+        values = ((images.float().cpu().clamp(-1, 1) + 1) / 2)
+    if output_type == "pt":
+        return values
+    if output_type == "np":
+        return values[:, 0].numpy()
+    quantised = (values[:, 0].numpy() * 255).round().astype(np.uint8)
+    return [tag_synthetic(PIL.Image.fromarray(image, mode="L"), provenance) for image in quantised]
+
+
 class MedM2GPipeline(DiffusionPipeline, MedM2GLoraLoaderMixin):
     r"""
     MedM2G: text -> image (one or several targets, generated jointly), image -> report, image -> image (MRI ->
@@ -381,73 +465,9 @@ class MedM2GPipeline(DiffusionPipeline, MedM2GLoraLoaderMixin):
             raise ValueError(f"callback_on_step_end_tensor_inputs must be from {self._callback_tensor_inputs}; got {unknown}")
 
     def preprocess_condition(self, key: str, image: ImageInput) -> torch.Tensor:
-        r"""
-        One condition's images in the model range.
-
-        Args:
-            key (`str`): the condition's modality key.
-            image: a PIL image, an array/tensor `(H, W)`, `(1, H, W)` or `(batch, 1, H, W)` in native units, or a
-                list of those.
-
-        Returns:
-            `torch.Tensor` of shape `(batch, 1, image_size, image_size)` in `[-1, 1]`.
-        """
-        size = self.image_size
-        if isinstance(image, (list, tuple)):
-            if not image:
-                raise ValueError(f"conditions[{key!r}] is an empty list")
-            return torch.cat([self.preprocess_condition(key, item) for item in image])
-        if isinstance(image, PIL.Image.Image):
-            if image.mode == "L":
-                values = np.asarray(image, dtype=np.float32) / 255.0
-            elif image.mode in ("I;16", "I;16B", "I;16L"):
-                values = np.asarray(image, dtype=np.float32) / 65535.0
-            elif image.mode == "F":
-                values = np.asarray(image, dtype=np.float32)
-                if not np.isfinite(values).all():
-                    raise ValueError(f"conditions[{key!r}] has NaN or infinite values")
-            else:
-                raise ValueError(
-                    f"conditions[{key!r}] must be a single-channel (greyscale) image; got PIL mode {image.mode!r} "
-                    f"with {len(image.getbands())} channels (convert it with image.convert('L') if it is grey)"
-                )
-            model = torch.from_numpy(np.clip(values, 0.0, 1.0) * 2.0 - 1.0)[None, None]
-        elif isinstance(image, (np.ndarray, torch.Tensor)):
-            # Real numbers only: complex values would lose their imaginary part, objects/strings cannot convert.
-            if isinstance(image, np.ndarray) and image.dtype.kind not in "biuf":
-                raise ValueError(f"conditions[{key!r}] must hold real numbers; got dtype {image.dtype}")
-            if isinstance(image, torch.Tensor) and (image.is_complex() or image.is_quantized):
-                raise ValueError(f"conditions[{key!r}] must hold real numbers; got dtype {image.dtype}")
-            # float64 first, so that NaN/inf is told apart from finite values that overflow float32.
-            tensor = (torch.from_numpy(np.array(image, dtype=np.float64)) if isinstance(image, np.ndarray)
-                      else image.detach().cpu().to(torch.float64))
-            if tensor.ndim == 2:
-                tensor = tensor[None, None]
-            elif tensor.ndim == 3 and tensor.shape[0] == 1:
-                tensor = tensor[None]
-            elif not (tensor.ndim == 4 and tensor.shape[1] == 1):
-                raise ValueError(
-                    f"conditions[{key!r}] must have shape (H, W), (1, H, W) or (batch, 1, H, W) with one channel; "
-                    f"got {tuple(tensor.shape)}"
-                )
-            if tensor.numel() == 0:
-                raise ValueError(f"conditions[{key!r}] is empty; got shape {tuple(tensor.shape)}")
-            if not torch.isfinite(tensor).all():
-                raise ValueError(f"conditions[{key!r}] has NaN or infinite values")
-            tensor = tensor.float()
-            if not torch.isfinite(tensor).all():
-                raise ValueError(f"conditions[{key!r}] has values beyond the float32 range")
-            model = to_model_range(tensor, key)
-            if not torch.isfinite(model).all():  # e.g. MRI percentile scaling of values near the float32 limit
-                raise ValueError(f"conditions[{key!r}] has values too large to scale to the model range")
-        else:
-            raise ValueError(f"conditions[{key!r}] must be a PIL image, a NumPy array or a torch tensor; got {type(image).__name__}")
-        if model.shape[-2:] != (size, size):
-            raise ValueError(
-                f"conditions[{key!r}] must be {size}x{size} (this checkpoint's image size); got "
-                f"{model.shape[-2]}x{model.shape[-1]}: resize or crop it first"
-            )
-        return model
+        """One condition's images in the model range at this checkpoint's image size: see
+        :func:`preprocess_condition_image`."""
+        return preprocess_condition_image(key, image, self.image_size)
 
     # ----------------------------------------------------------------------------------------- encoding
 
@@ -491,17 +511,8 @@ class MedM2GPipeline(DiffusionPipeline, MedM2GLoraLoaderMixin):
     # ------------------------------------------------------------------------------------------- output
 
     def postprocess_image(self, target: str, images: torch.Tensor, output_type: str, ct_in_hu: bool, provenance: dict[str, Any]):
-        """Model-range images `(batch, 1, H, W)` -> the requested output type."""
-        if output_type in ("np", "pt") and ct_in_hu and MODALITIES[target].family == "ct":
-            values = from_model_range(images.float().cpu(), target)
-        else:
-            values = ((images.float().cpu().clamp(-1, 1) + 1) / 2)
-        if output_type == "pt":
-            return values
-        if output_type == "np":
-            return values[:, 0].numpy()
-        quantised = (values[:, 0].numpy() * 255).round().astype(np.uint8)
-        return [tag_synthetic(PIL.Image.fromarray(image, mode="L"), provenance) for image in quantised]
+        """Model-range images `(batch, 1, H, W)` -> the requested output type: see :func:`postprocess_images`."""
+        return postprocess_images(target, images, output_type, ct_in_hu, provenance)
 
     # --------------------------------------------------------------------------------------------- call
 

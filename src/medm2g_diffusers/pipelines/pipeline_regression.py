@@ -5,16 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.utils import replace_example_docstring
 
 from ..checkpoints import check_safe_to_load
-from ..data.io import tag_synthetic
-from ..modalities import MODALITIES, from_model_range, get_modality, image_modality_keys
-from .pipeline_medm2g import ImageInput, MedM2GPipeline
+from ..modalities import MODALITIES, get_modality, image_modality_keys
+from .pipeline_medm2g import ImageInput, postprocess_images, preprocess_condition_image
 from .pipeline_output import MedM2GPipelineOutput
 
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -145,8 +142,8 @@ class MedM2GRegressionPipeline(DiffusionPipeline):
 
     def preprocess_condition(self, key: str, image: ImageInput) -> torch.Tensor:
         """One source's images as `(batch, 1, image_size, image_size)` in `[-1, 1]`: the inputs, intensity maps and
-        errors of :meth:`MedM2GPipeline.preprocess_condition` (which reads nothing of the pipeline but ``image_size``)."""
-        return MedM2GPipeline.preprocess_condition(self, key, image)
+        errors of `MedM2GPipeline.preprocess_condition` (:func:`~.pipeline_medm2g.preprocess_condition_image`)."""
+        return preprocess_condition_image(key, image, self.image_size)
 
     # --------------------------------------------------------------------------------------------- call
 
@@ -215,17 +212,7 @@ class MedM2GRegressionPipeline(DiffusionPipeline):
             "guidance_scale": None,
             "seed": None,
         }
-        if output_type in ("np", "pt") and ct_in_hu and MODALITIES[target].family == "ct":
-            values = from_model_range(prediction, target)
-        else:
-            values = (prediction + 1.0) / 2.0
-        if output_type == "pt":
-            images = values
-        elif output_type == "np":
-            images = values[:, 0].numpy()
-        else:
-            quantised = (values[:, 0].numpy() * 255).round().astype(np.uint8)
-            images = [tag_synthetic(PIL.Image.fromarray(image, mode="L"), provenance) for image in quantised]
+        images = postprocess_images(target, prediction, output_type, ct_in_hu, provenance)
 
         self.maybe_free_model_hooks()
         if not return_dict:
