@@ -141,6 +141,7 @@ def preprocess_condition_image(key: str, image: ImageInput, size: int) -> torch.
         )
     return model
 
+
 def postprocess_images(target: str, images: torch.Tensor, output_type: str, ct_in_hu: bool, provenance: dict[str, Any]):
     """Model-range images `(batch, 1, H, W)` -> `"pt"` / `"np"` in `[0, 1]` (CT in HU with ``ct_in_hu``), or PIL images
     tagged synthetic with ``provenance``."""
