@@ -133,3 +133,14 @@ def test_generate_errors_are_one_line(tiny_pipeline_dir, tmp_path, capsys):
     assert "--model must be a bundled checkpoint" in capsys.readouterr().err
     assert main(["generate", "--model", str(tiny_pipeline_dir), "--targets", "ct", "--condition", f"xray={tmp_path / 'none.png'}"]) == 2
     assert "none.png" in capsys.readouterr().err
+
+
+def test_generate_with_another_scheduler(tiny_pipeline_dir, tmp_path):
+    from medm2g_diffusers.data.io import read_provenance
+
+    code = main(["generate", "--model", str(tiny_pipeline_dir), "--prompt", "Small left pleural effusion.", "--targets", "xray",
+                 "--steps", "3", "--scheduler", "dpmsolver++", "--timestep-spacing", "trailing", "--out", str(tmp_path)])
+    assert code == 0
+    assert read_provenance(tmp_path / "xray_0.png")["scheduler"] == "DPMSolverMultistepScheduler"
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(tiny_pipeline_dir), "--prompt", "x", "--targets", "xray", "--scheduler", "plms"])

@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_pipeline import get_dummy_components
+from tiny_pipeline import get_dummy_pipeline
 
-from medm2g_diffusers import MedM2GPipeline
 
 A = "FINDINGS: Large left pleural effusion. IMPRESSION: Effusion."
 B = "FINDINGS: Cardiomegaly. No effusion. IMPRESSION: Enlarged heart."
@@ -21,9 +20,7 @@ C = "FINDINGS: Normal chest."
 
 @pytest.fixture(scope="module")
 def pipe():
-    pipeline = MedM2GPipeline(**get_dummy_components())
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return get_dummy_pipeline()
 
 
 def seeds(*values):
@@ -44,10 +41,8 @@ def test_same_seed_same_output_in_one_process(pipe):
 SCRIPT = """
 import sys, numpy as np, torch
 sys.path.insert(0, {tests!r})
-from tiny_pipeline import get_dummy_components
-from medm2g_diffusers import MedM2GPipeline
-pipe = MedM2GPipeline(**get_dummy_components())
-pipe.set_progress_bar_config(disable=True)
+from tiny_pipeline import get_dummy_pipeline
+pipe = get_dummy_pipeline()
 out = pipe(prompt={prompt!r}, targets=["xray", "mri_t2"], generator=torch.Generator().manual_seed(7), num_inference_steps=3, output_type="np")
 np.savez(sys.argv[1], **out.images)
 """

@@ -12,7 +12,7 @@ from medm2g_diffusers import MedM2GPipeline, MedM2GPipelineOutput
 from medm2g_diffusers.data.io import read_provenance
 from medm2g_diffusers.data.phantoms import PhantomGenerator
 
-from tiny_pipeline import SIZE, SLOTS, get_dummy_components
+from tiny_pipeline import SIZE, SLOTS, get_dummy_pipeline
 
 PROMPT = "Large right pleural effusion. Heart size is normal."
 
@@ -24,9 +24,7 @@ def phantom():
 
 @pytest.fixture(scope="module")
 def pipe():
-    pipeline = MedM2GPipeline(**get_dummy_components())
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return get_dummy_pipeline()
 
 
 def run(pipe, **kwargs):

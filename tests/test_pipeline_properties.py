@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from medm2g_diffusers import MedM2GPipeline, MedM2GPipelineOutput
+from medm2g_diffusers import MedM2GPipelineOutput
 from medm2g_diffusers.modalities import modality_keys
 
-from tiny_pipeline import SIZE, get_dummy_components
+from tiny_pipeline import SIZE, get_dummy_pipeline
 
 PROMPT = "Large right pleural effusion. Heart size is normal."
 LATENT_SCALE = 2  # the tiny VAE halves each side
@@ -48,9 +48,7 @@ def mostly(good, bad, odds: int = 3):
 
 @pytest.fixture(scope="module")
 def pipe():
-    pipeline = MedM2GPipeline(**get_dummy_components())
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return get_dummy_pipeline()
 
 
 def call(pipe, blame: tuple[str, ...], **kwargs):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,8 +17,9 @@ from medm2g_diffusers import MedM2GPipeline
 from medm2g_diffusers.models.multiflow import MedM2GMultiFlowModel
 from medm2g_diffusers.single_flow import Condition
 
+from free_port import free_port
 from tiny_workspace import build_workspace
-from training_scripts import load_training_script
+from training_scripts import TRAINING, load_training_script
 
 train_ldm = load_training_script("train_ldm")
 train_multiflow = load_training_script("train_multiflow")
@@ -109,3 +113,51 @@ def test_output_dir_inside_a_folder_the_final_save_replaces_is_refused(workspace
     for folder in ("multiflow", "pipeline"):
         with pytest.raises(ValueError, match="must not be"):
             _run(config, tmp / "out" / folder)
+
+
+# Runs train_multiflow.main in each of two gloo processes; at every checkpoint each rank writes a digest of its
+# own copy of the model's parameters, per family, so the test can see whether the ranks still hold one model.
+DDP_PROBE = """
+import hashlib, json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import train_multiflow
+from medm2g_diffusers import training_utils
+
+out = Path(sys.argv[2])
+save = train_multiflow.save_checkpoint
+
+
+def digest_and_save(accelerator, output_dir, step, keep=2):
+    model = accelerator.unwrap_model(accelerator._models[0])
+    digests = {}
+    for name, tensor in sorted(model.state_dict().items()):
+        key = name.split(".")[1] if name.startswith(("unets.", "context_encoders.")) else name.split(".")[0]
+        digests.setdefault(key, hashlib.sha256()).update(tensor.detach().float().numpy().tobytes())
+    (out / f"rank{accelerator.process_index}-step{step}.json").write_text(json.dumps({k: d.hexdigest() for k, d in digests.items()}))
+    return save(accelerator, output_dir, step, keep)
+
+
+train_multiflow.save_checkpoint = digest_and_save
+train_multiflow.main(sys.argv[3:])
+"""
+
+
+def test_ddp_keeps_every_rounds_parameters_in_sync(workspace, tmp_path):
+    """Two processes draw different rows, so a parameter DDP does not average drifts apart between them. Every
+    round trains other parameters; after each round's steps both ranks must still hold bit-identical weights."""
+    tmp, config = workspace
+    probe = tmp_path / "probe.py"
+    probe.write_text(DDP_PROBE)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(TRAINING / "configs" / "accelerate" / "cpu_ddp_gloo.yaml"),
+               "--main_process_port", str(free_port()), str(probe), str(TRAINING), str(tmp_path),
+               "--config", str(config), "--output_dir", str(tmp_path / "run"), "--set", "defaults.checkpointing_steps=1",
+               "--set", "multiflow.model_name=multiflow_ddp", "--set", "multiflow.pipeline_name=pipeline_ddp"]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    steps = sorted({int(p.stem.split("step")[1]) for p in tmp_path.glob("rank0-step*.json")})
+    assert steps == list(range(1, 7))  # 6 steps over the four rounds, a digest after each
+    for step in steps:
+        rank0, rank1 = (json.loads((tmp_path / f"rank{r}-step{step}.json").read_text()) for r in (0, 1))
+        assert rank0 == rank1, f"step {step}: the ranks differ in {sorted(k for k in rank0 if rank0[k] != rank1.get(k))}"

@@ -56,3 +56,12 @@ def get_dummy_components() -> dict:
     scheduler = DDIMScheduler(**NOISE_SCHEDULE, prediction_type="epsilon", steps_offset=1, set_alpha_to_one=False)
     return {"multiflow": multiflow.eval(), "vae": vae.eval(), "text_vae": text_vae.eval(), "prompt_encoders": prompt_encoders.eval(),
             "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+def get_dummy_pipeline():
+    """A `MedM2GPipeline` of :func:`get_dummy_components`, progress bar off (the tests' module fixture)."""
+    from medm2g_diffusers import MedM2GPipeline
+
+    pipeline = MedM2GPipeline(**get_dummy_components())
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

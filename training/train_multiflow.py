@@ -400,6 +400,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         weight_decay=float(cfg.get("adam_weight_decay", 1e-2)),
     )
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(rounds, int(cfg["lr_warmup_steps"])))
+    # DDP averages the gradients of the parameters that require grad when it wraps the model, and collecting
+    # `ever` left only the last round's trainable: every round's parameters are marked before wrapping. Each
+    # round then freezes what it does not train; find_unused_parameters leaves their grads None (AdamW skips them).
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ever)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     noise_scheduler = make_noise_scheduler(prediction_type)
 
