@@ -296,6 +296,21 @@ def build_rounds(cfg: dict, pairwise: bool, max_train_steps: int | None) -> list
     return rounds
 
 
+def build_optimizer(cfg: dict, model: MedM2GPromptEncoders) -> torch.optim.AdamW:
+    """AdamW with two parameter groups: the text encoder at ``text_learning_rate`` (a pretrained MiniLM wants a
+    smaller one; ``None`` means ``learning_rate``) and every other parameter at ``learning_rate``."""
+    text_params = list(model.text_encoder.parameters()) if model.text_encoder is not None else []
+    text_ids = {id(p) for p in text_params}
+    other_params = [p for p in model.parameters() if id(p) not in text_ids]
+    return torch.optim.AdamW(
+        [
+            {"params": text_params, "lr": float(cfg.get("text_learning_rate") or cfg["learning_rate"])},
+            {"params": other_params, "lr": float(cfg["learning_rate"])},
+        ],
+        weight_decay=float(cfg["adam_weight_decay"]),
+    )
+
+
 def set_trainable(model: MedM2GPromptEncoders, trainable: Sequence[str]) -> None:
     """Freezes every family not in ``trainable``; the temperature always trains (retrieval ranks ignore it)."""
     unknown = [f for f in trainable if f not in model.families]
@@ -567,16 +582,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     rounds = build_rounds(cfg, args.pairwise, args.max_train_steps)
     total_steps = rounds[-1]["start"] + rounds[-1]["steps"]
-    text_params = list(model.text_encoder.parameters()) if model.text_encoder is not None else []
-    text_ids = {id(p) for p in text_params}
-    other_params = [p for p in model.parameters() if id(p) not in text_ids]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": text_params, "lr": float(cfg.get("text_learning_rate") or cfg["learning_rate"])},
-            {"params": other_params, "lr": float(cfg["learning_rate"])},
-        ],
-        weight_decay=float(cfg["adam_weight_decay"]),
-    )
+    optimizer = build_optimizer(cfg, model)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(rounds, int(cfg["lr_warmup_steps"])))
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
 
