@@ -8,12 +8,20 @@ SDPA forced to the math backend so that attention is counted as its matmuls (the
 every variant: they all do the same arithmetic). Peak: the best of `--repeats` medians of a 1024x1024 @
 1024x1024 fp32 matmul (2*1024^3 FLOPs) at the same thread count. Variants and the peak are timed
 interleaved (round-robin over `--repeats` rounds, medians reported).
+
+Variants: the default forward; channels_last (model and input); SDPA forced to its math backend; oneDNN
+(`torch.backends.mkldnn`) disabled; channels_last with oneDNN disabled; `torch.compile` (inductor, default
+mode, on a deep copy of the UNet; compiled before the rounds, the compile time reported; `--no-compile` skips
+it, and a compile that fails is reported, not fatal); the default at 1 thread. Every variant's output is
+compared with the default's (largest absolute difference), so a faster variant that computes something else
+shows.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import platform
@@ -27,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from medm2g_diffusers import MedM2GPipeline
 from medm2g_diffusers.single_flow import Condition
+from medm2g_diffusers.training_utils import atomic_write_text
 
 PROMPT = "Large right pleural effusion. Heart size is normal."
 
@@ -37,6 +46,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--iters", type=int, default=20, help="forwards per timing sample")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--out", default="runs/perf/unet_flops.json")
     return parser.parse_args()
 
@@ -86,13 +96,40 @@ def main() -> None:
     sample_cl = sample.to(memory_format=torch.channels_last)
     n = args.threads
 
+    # channels_last runs on its own copy of the UNet, so that no variant changes the model another one times.
+    unet_cl = copy.deepcopy(unet).to(memory_format=torch.channels_last)
+
+    def forward_cl():
+        with torch.no_grad():
+            return unet_cl(sample_cl, t, encoder_hidden_states=both.tokens, encoder_attention_mask=both.mask).sample
+
+    no_mkldnn = lambda: torch.backends.mkldnn.flags(enabled=False)
     variants = {
         f"default (contiguous, SDPA auto, {n} threads)": lambda: forward(),
-        f"channels_last ({n} threads)": "channels_last",
+        f"channels_last ({n} threads)": forward_cl,
         f"SDPA math backend ({n} threads)": lambda: _with(sdpa_kernel(SDPBackend.MATH), forward),
-        f"mkldnn disabled ({n} threads)": lambda: _with(torch.backends.mkldnn.flags(enabled=False), forward),
+        f"mkldnn disabled ({n} threads)": lambda: _with(no_mkldnn(), forward),
+        f"channels_last + mkldnn disabled ({n} threads)": lambda: _with(no_mkldnn(), forward_cl),
         "default, 1 thread": lambda: _with(threads(1), forward),
     }
+    compile_info = None
+    if not args.no_compile:
+        compiled = torch.compile(copy.deepcopy(unet))
+
+        def forward_compiled():
+            with torch.no_grad():
+                return compiled(sample, t, encoder_hidden_states=both.tokens, encoder_attention_mask=both.mask).sample
+
+        started = time.perf_counter()
+        try:
+            forward_compiled()
+            compile_info = {"ok": True, "compile_and_first_call_s": time.perf_counter() - started}
+            variants[f"torch.compile, inductor ({n} threads)"] = forward_compiled
+        except Exception as error:  # a missing compiler or an unsupported op: reported, the rest still runs
+            compile_info = {"ok": False, "error": f"{type(error).__name__}: {str(error)[:500]}"}
+    with torch.no_grad():
+        reference_out = forward()
+        max_abs_diff = {name: float((fn() - reference_out).abs().max()) for name, fn in variants.items()}
     samples = {name: [] for name in variants}
     peak = {f"{n} threads": [], "1 thread": []}
     peak_fn = lambda: torch.mm(a, b)
@@ -103,16 +140,11 @@ def main() -> None:
         with threads(1):
             peak["1 thread"].append(matmul_flops / timed(peak_fn, 3))
         for name, fn in variants.items():
-            if fn == "channels_last":
-                unet.to(memory_format=torch.channels_last)
-                forward(sample_cl)
-                samples[name].append(timed(lambda: forward(sample_cl), args.iters))
-                unet.to(memory_format=torch.contiguous_format)
-            else:
-                fn()
-                samples[name].append(timed(fn, args.iters))
+            fn()
+            samples[name].append(timed(fn, args.iters))
     peak_med = {k: statistics.median(v) for k, v in peak.items()}
     results = {}
+    default_seconds = statistics.median(samples[f"default (contiguous, SDPA auto, {n} threads)"])
     for name, times in samples.items():
         seconds = statistics.median(times)
         reference = peak_med["1 thread"] if "1 thread" in name else peak_med[f"{n} threads"]
@@ -121,6 +153,9 @@ def main() -> None:
             "achieved_gflops": flops / seconds / 1e9,
             "peak_gflops_same_threads": reference / 1e9,
             "ratio_achieved_vs_peak": flops / seconds / reference,
+            "speedup_vs_default": default_seconds / seconds,
+            "max_abs_diff_vs_default": max_abs_diff[name],
+            "forward_ms_all": [x * 1e3 for x in times],
         }
     summary = {
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
@@ -130,12 +165,13 @@ def main() -> None:
         "unet_forward_flops": flops,
         "flops_by_op": by_op,
         "peak_matmul_gflops_median": {k: v / 1e9 for k, v in peak_med.items()},
+        "torch_compile": compile_info,
         "variants": results,
     }
     text = json.dumps(summary, indent=2)
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n")
+    atomic_write_text(args.out, text + "\n")
 
 
 def _with(ctx, fn):
