@@ -1,4 +1,4 @@
-"""Fewer steps at equal quality: DPM-Solver++ and UniPC at 20 steps against DDIM at 50 (docs/performance.md §2).
+"""Fewer steps at equal quality: DPM-Solver++ (ODE and SDE) and UniPC at 20 steps against DDIM at 50 (docs/performance.md §2).
 
 Two measurements in one run:
 
@@ -49,6 +49,7 @@ DEFAULT_VARIANTS = (
     "dpmsolver++20=dpmsolver++:20",
     "unipc20=unipc:20",
     "dpmsolver++20_trailing=dpmsolver++:20:trailing",
+    "sde-dpmsolver++20=sde-dpmsolver++:20",
     "ddim20=ddim:20",
 )
 DEFAULT_TASKS = ("report_generation", "text_to_image", "image_to_image")

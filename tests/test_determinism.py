@@ -12,6 +12,9 @@ import pytest
 import torch
 from tiny_pipeline import get_dummy_pipeline
 
+from medm2g_diffusers import MedM2GPipeline
+from medm2g_diffusers.schedulers import scheduler_from_name
+
 
 A = "FINDINGS: Large left pleural effusion. IMPRESSION: Effusion."
 B = "FINDINGS: Cardiomegaly. No effusion. IMPRESSION: Enlarged heart."
@@ -36,6 +39,23 @@ def test_same_seed_same_output_in_one_process(pipe):
     assert reports[0] == reports[1]
     other = pipe(prompt=[A, B], targets=["xray", "ct"], generator=seeds(1, 5), num_inference_steps=3, output_type="np")
     assert not np.array_equal(other.images["xray"][1], calls[0].images["xray"][1])  # the seed matters
+
+
+@pytest.mark.parametrize("scheduler, eta", [("ddim", 1.0), ("sde-dpmsolver++", 0.0)])
+def test_stochastic_steps_draw_from_the_calls_generator(pipe, scheduler, eta):
+    swapped = MedM2GPipeline(**{**pipe.components, "scheduler": scheduler_from_name(scheduler, pipe.scheduler.config)})
+    swapped.set_progress_bar_config(disable=True)
+
+    def sample(seed, initial):
+        # The same initial noise every time: only the noise the steps draw comes from `seed`.
+        return swapped(prompt=[A], targets=["xray"], generator=torch.Generator().manual_seed(seed), latents={"xray": initial},
+                       num_inference_steps=3, eta=eta, output_type="np").images["xray"]
+
+    size = pipe.image_size // pipe.vae_scale_factor
+    initial = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(0))
+    first, again, other = sample(1, initial), sample(1, initial), sample(2, initial)
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)  # the steps' noise is drawn, and from this generator
 
 
 SCRIPT = """

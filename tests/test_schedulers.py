@@ -54,7 +54,7 @@ def test_bad_names_are_refused(pipe, kwargs, match):
         scheduler_from_name(config=pipe.scheduler.config, **kwargs)
 
 
-@pytest.mark.parametrize("name", ["dpmsolver++", "unipc", "euler"])
+@pytest.mark.parametrize("name", ["dpmsolver++", "sde-dpmsolver++", "unipc", "euler"])
 def test_every_scheduler_samples_images_and_text_and_is_recorded(pipe, name):
     swapped = MedM2GPipeline(**{**pipe.components, "scheduler": scheduler_from_name(name, pipe.scheduler.config)})
     swapped.set_progress_bar_config(disable=True)

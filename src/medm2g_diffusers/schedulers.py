@@ -20,6 +20,8 @@ from typing import Any
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
     "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    # The stochastic variant: fresh noise each step (from the call's generator), more diverse samples at few steps.
+    "sde-dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
     "unipc": ("UniPCMultistepScheduler", {"solver_order": 2}),
     "euler": ("EulerDiscreteScheduler", {}),
 }

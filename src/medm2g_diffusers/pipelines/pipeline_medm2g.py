@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -650,7 +651,10 @@ class MedM2GPipeline(DiffusionPipeline, MedM2GLoraLoaderMixin):
         for scheduler in schedulers.values():
             scheduler.set_timesteps(num_inference_steps, device=self.device)
         timesteps = schedulers[targets[0]].timesteps
-        extra_step_kwargs = {"eta": eta} if "eta" in self.scheduler.step.__code__.co_varnames else {}
+        # A stochastic step (DDIM with eta > 0, SDE solvers) draws its noise from the call's generator, so a
+        # seeded call is reproducible whatever the scheduler; deterministic steps never draw from it.
+        step_parameters = inspect.signature(self.scheduler.step).parameters
+        extra_step_kwargs = {name: value for name, value in (("eta", eta), ("generator", generator)) if name in step_parameters}
 
         # 3. Initial noise per target.
         latents = dict(latents or {})
