@@ -7,7 +7,11 @@ Variants (each trained by ``training/train_alignment.py`` with the same config, 
 * ``central_no_vi``: the same without the visual invariant (``--no-vi``);
 * ``pairwise``: all six pairs at once (``--pairwise``), + visual invariant;
 * ``central_vi_minilm`` (only when asked with ``--variants``): ``central_vi`` with the text encoder
-  initialised from all-MiniLM-L6-v2 and its own tokenizer.
+  initialised from all-MiniLM-L6-v2 and its own tokenizer;
+* ``central_vi_soft`` (only when asked): ``central_vi`` with label-aware InfoNCE targets
+  (``alignment.soft_targets=0.8``: reports the labeller reads as the same findings share 0.8 of the target);
+* ``central_vi_ct_frozen`` (only when asked): ``central_vi`` with the CT encoder frozen in the ct-mri round
+  (the tiny config's 800 + 200 steps), so that round cannot move CT away from the text it was aligned to.
 
 Every model is scored on the TEST split: Recall@1/@5 and top-1 finding agreement (with the agreement of a
 random pairing as chance) for text<->xray, text<->ct, text<->mri, xray<->mri (never trained directly in the
@@ -34,6 +38,11 @@ VARIANTS = {
     "central_no_vi": ["--no-vi"],
     "pairwise": ["--pairwise"],
     "central_vi_minilm": ["--set", "alignment.text_backbone=minilm"],
+    "central_vi_soft": ["--set", "alignment.soft_targets=0.8"],
+    # The tiny config's schedule with CT frozen in the ct-mri round (only MRI moves toward CT).
+    "central_vi_ct_frozen": ["--set", "alignment.rounds=[{name: hub, pairs: [[text, xray], [text, ct], [text, mri]], "
+                             "trainable: [text, xray, ct, mri], steps: 800}, {name: ct_mri, pairs: [[ct, mri]], "
+                             "trainable: [mri], steps: 200}]"],
 }
 TABLE_PAIRS = ("text-xray", "text-ct", "text-mri", "xray-mri", "xray-ct", "ct-mri")
 
@@ -138,7 +147,7 @@ def render_markdown(meta: dict, results: dict) -> str:
         "# Stage 1: alignment schemes, measured side by side",
         "",
         f"Produced by `{meta['command']}` on {meta['machine']}; dataset `{meta['dataset']}`, "
-        f"{meta['split']} split ({meta['test_patients']} patients). Every variant has the same config, step count, "
+        f"{meta['split']} split ({meta['test_patients']} patients). Every variant has the same config (apart from what its name changes), step count, "
         "batch and seed. R@k: the paired sample among the top k by cosine similarity (mean of both directions; "
         "MRI averaged over T1/T2/PD/FLAIR). Agreement: the top-1 hit's findings equal the query's, as a set of "
         "(type, side, lobe) within the same anatomy; chance is the agreement of a random pairing.",

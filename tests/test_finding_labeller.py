@@ -14,7 +14,14 @@ from medm2g_diffusers.data.phantoms import (
     NEGATIVE_PHRASES,
     PhantomGenerator,
 )
-from medm2g_diffusers.evaluation import FINDING_TYPES, find_mentions, finding_f1, finding_types, label_report
+from medm2g_diffusers.evaluation import (
+    FINDING_TYPES,
+    find_mentions,
+    finding_f1,
+    finding_types,
+    label_report,
+    label_report_with_attributes,
+)
 
 
 @pytest.mark.parametrize(
@@ -164,3 +171,23 @@ def test_finding_f1_rejects_bad_input():
         finding_f1([], [])
     with pytest.raises(ValueError, match="predictions must be a list"):
         finding_f1("No effusion.", [set()])
+
+
+def test_label_report_with_attributes_reads_side_and_lobe():
+    report = (
+        "Moderate left pleural effusion. No right pneumothorax. Consolidation in the right lower lobe. "
+        "A 12 mm nodule in the left upper lobe. Enlarged heart. Bilateral pleural effusions."
+    )
+    assert label_report_with_attributes(report) == {
+        ("pleural_effusion", "left", None),
+        ("pleural_effusion", "bilateral", None),
+        ("consolidation", "right", "RLL"),
+        ("nodule", None, "LUL"),  # nodules have a lobe, not a side
+        ("cardiomegaly", None, None),
+    }
+    head = "43 mm rim-enhancing mass in the left occipital lobe. 5 mm midline shift to the right."
+    assert label_report_with_attributes(head) == {("tumour", "left", "occipital"), ("midline_shift", None, None)}
+    # Two sides in one clause: the side is not guessed.
+    assert label_report_with_attributes("Left effusion and right pneumothorax.") == {
+        ("pleural_effusion", None, None), ("pneumothorax", None, None)}
+    assert label_report_with_attributes("No effusion. Normal heart size.") == frozenset()

@@ -112,6 +112,30 @@ def test_contrastive_loss_prefers_aligned_pairs():
     assert aligned < 0.1 < math.log(8) < shuffled
 
 
+def test_soft_target_matrix_hand_checked():
+    targets = train_alignment.soft_target_matrix(["a", "b", "a", None], 0.8)
+    expected = torch.tensor([[0.6, 0, 0.4, 0], [0, 1, 0, 0], [0.4, 0, 0.6, 0], [0, 0, 0, 1]])
+    torch.testing.assert_close(targets, expected)
+    torch.testing.assert_close(train_alignment.soft_target_matrix(["a", "a", None], 0.0), torch.eye(3))
+    with pytest.raises(ValueError, match="soft_targets"):
+        train_alignment.soft_target_matrix(["a"], 1.5)
+
+
+def test_contrastive_loss_soft_targets():
+    torch.manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1)
+    b = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1)
+    scale = torch.tensor(10.0)
+    # One-hot targets are plain InfoNCE.
+    torch.testing.assert_close(train_alignment.contrastive_loss(a, b, scale, torch.eye(6)), train_alignment.contrastive_loss(a, b, scale))
+    # Two rows of one group: swapping them inside the group costs less than with one-hot targets.
+    targets = train_alignment.soft_target_matrix(["x", "x", "y", "z", "w", "v"], 1.0)
+    swapped = a[[1, 0, 2, 3, 4, 5]]
+    assert train_alignment.contrastive_loss(swapped, a, scale, targets) < train_alignment.contrastive_loss(swapped, a, scale)
+    with pytest.raises(ValueError, match="targets must have shape"):
+        train_alignment.contrastive_loss(a, b, scale, torch.eye(5))
+
+
 def test_barlow_twins_loss_hand_checked():
     z = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])  # standardised columns [1, -1]: C = [[1, 1], [1, 1]]
     # identical views: diagonal is perfect (0), two off-diagonal entries of 1 weighted by lambda
@@ -199,6 +223,19 @@ def test_central_run_writes_model_and_resume_reproduces_next_loss(workspace):
     resumed = train_alignment.main(args + ["--resume_from_checkpoint", "latest"])
     assert sorted(resumed["losses"]) == [2, 3]
     assert resumed["losses"][2] == full["losses"][2]
+
+
+def test_soft_targets_change_the_loss(workspace):
+    tmp_path, config_path = workspace
+    losses = {}
+    for weight in (0.0, 0.8):
+        out = tmp_path / f"soft-{weight}"
+        result = train_alignment.main(["--config", str(config_path), "--output_dir", str(out), "--max_train_steps", "2",
+                                       "--set", f"alignment.soft_targets={weight}", "--set", f"output_root={out}"])
+        losses[weight] = result["losses"][0]
+    assert all(np.isfinite(v) for v in losses.values())
+    # The fabricated reports group by anatomy (chest / head); sharing targets inside a group changes step 0's loss.
+    assert losses[0.8] != losses[0.0]
 
 
 @pytest.mark.parametrize("flag", ["--pairwise", "--no-vi"])

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from medm2g_diffusers.data.datasets import load_medm2g_dataset
+from medm2g_diffusers.evaluation.finding_labeller import label_report_with_attributes
 from medm2g_diffusers.modalities import modalities_of_family, to_model_range
 from medm2g_diffusers.models.prompt_encoders import TEXT_FAMILY, MedM2GPromptEncoders, minilm_path
 from medm2g_diffusers.tokenizer import train_report_tokenizer
@@ -91,16 +92,45 @@ def parse_args(argv: Sequence[str] | None = None):
 # ------------------------------------------------------------------------------------------------ losses
 
 
-def contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(
+    a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, targets: torch.Tensor | None = None
+) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP): row ``i`` of ``a`` and of ``b`` are the positive pair, every other row a negative.
 
     Args:
         a, b (`torch.Tensor` of shape `(batch, dim)`): L2-normalised embeddings of two modalities.
         logit_scale (`torch.Tensor`, scalar): inverse temperature (already exponentiated and clamped).
+        targets (`torch.Tensor` of shape `(batch, batch)`, *optional*): a symmetric target distribution per
+            row (rows sum to 1) instead of the identity, as :func:`soft_target_matrix` builds; cross-entropy
+            against it in both directions.
     """
     logits = logit_scale * a @ b.t()
-    labels = torch.arange(a.shape[0], device=a.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    if targets is None:
+        labels = torch.arange(a.shape[0], device=a.device)
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    if targets.shape != logits.shape:
+        raise ValueError(f"targets must have shape {tuple(logits.shape)}; got {tuple(targets.shape)}")
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets.t()))
+
+
+def soft_target_matrix(keys: Sequence[Any], weight: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(1 - weight) * I + weight * G`` where row ``i`` of ``G`` spreads 1 evenly over the rows with ``keys[i]``.
+
+    The label-aware targets of MedCLIP-style "semantic matching" (Wang et al., 2022): two patients whose
+    reports say the same thing are not pushed apart as negatives. ``keys[i] is None`` (no report) gives the
+    plain one-hot row. Rows of one key have one group size, so the matrix is symmetric.
+
+    Args:
+        keys: one hashable finding identity per batch row (``AlignmentData.soft_keys``).
+        weight (`float`): in ``[0, 1]``; 0 is plain InfoNCE, 1 puts all mass on the group (self included).
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"alignment.soft_targets must be in [0, 1]; got {weight}")
+    n = len(keys)
+    same = torch.tensor([[k is not None and k == other for other in keys] for k in keys], dtype=torch.float32).reshape(n, n)
+    same.fill_diagonal_(1.0)
+    group = same / same.sum(1, keepdim=True)
+    return ((1.0 - weight) * torch.eye(n) + weight * group).to(device)
 
 
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 5e-3, eps: float = 1e-5) -> torch.Tensor:
@@ -213,6 +243,12 @@ class AlignmentData:
         self.reports = list(split["report"])
         self.findings = list(split["findings"])
         self.anatomy = list(split["anatomy"])
+        # What each row's report says, for the soft (label-aware) InfoNCE targets: read from the text by the
+        # rule-based labeller, never from the phantoms' ground-truth findings, so real data gets them too.
+        self.soft_keys = [
+            None if report is None else (anatomy, label_report_with_attributes(report))
+            for report, anatomy in zip(self.reports, self.anatomy)
+        ]
         self._numpy_views = {key: split.with_format("numpy", columns=[key]) for key in self.image_keys}
 
     def __len__(self) -> int:
@@ -390,6 +426,7 @@ def alignment_step(
         embeddings[family] = (mask.to(device), full)
 
     logit_scale = unwrapped.logit_scale_value()
+    soft_weight = float(cfg.get("soft_targets", 0.0))
     pair_terms = []
     for a, b in round_["pairs"]:
         if a not in embeddings or b not in embeddings:
@@ -397,7 +434,11 @@ def alignment_step(
         both = embeddings[a][0] & embeddings[b][0]
         if int(both.sum()) < 2:
             continue
-        term = contrastive_loss(embeddings[a][1][both], embeddings[b][1][both], logit_scale)
+        targets = None
+        if soft_weight > 0:
+            rows = [i for i, keep in zip(indices, both.tolist()) if keep]
+            targets = soft_target_matrix([data.soft_keys[i] for i in rows], soft_weight, device)
+        term = contrastive_loss(embeddings[a][1][both], embeddings[b][1][both], logit_scale, targets)
         pair_terms.append(term)
         parts[f"nce_{a}_{b}"] = float(term.detach())
     if not pair_terms:

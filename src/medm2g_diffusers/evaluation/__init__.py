@@ -12,7 +12,15 @@ from .finding_classifier import (
     finding_labels,
     label_sets,
 )
-from .finding_labeller import FINDING_TYPES, FindingMention, find_mentions, finding_f1, finding_types, label_report
+from .finding_labeller import (
+    FINDING_TYPES,
+    FindingMention,
+    find_mentions,
+    finding_f1,
+    finding_types,
+    label_report,
+    label_report_with_attributes,
+)
 from .image_metrics import (
     DISPLAY_NORMALISATION,
     MS_SSIM_BETAS_64,
@@ -53,6 +61,7 @@ __all__ = [
     "frechet_inception_distance",
     "inception_features",
     "label_report",
+    "label_report_with_attributes",
     "label_sets",
     "ms_ssim_diversity",
     "psnr_ssim",

@@ -69,7 +69,16 @@ from typing import Any
 
 from ..data.phantoms import FINDING_VOCABULARY
 
-__all__ = ["FINDING_TYPES", "LABELLER_PROTOCOL", "FindingMention", "find_mentions", "finding_f1", "finding_types", "label_report"]
+__all__ = [
+    "FINDING_TYPES",
+    "LABELLER_PROTOCOL",
+    "FindingMention",
+    "find_mentions",
+    "finding_f1",
+    "finding_types",
+    "label_report",
+    "label_report_with_attributes",
+]
 
 FINDING_TYPES: tuple[str, ...] = tuple(FINDING_VOCABULARY)
 
@@ -245,6 +254,47 @@ def label_report(text: str) -> set[str]:
         ['pleural_effusion']
     """
     return {m.finding for m in find_mentions(text) if m.affirmed}
+
+
+_SIDE_WORDS = re.compile(r"\b(?:left|right|bilateral)\b")
+_CHEST_LOBE = re.compile(r"\b(left|right)\s+(upper|middle|lower)\s+lobe\b")
+_BRAIN_LOBE = re.compile(r"\b(frontal|parietal|temporal|occipital)\b")
+
+
+def _clause_attribute(pattern: re.Pattern[str], clause: str, group=lambda m: m.group(0)) -> str | None:
+    """The one value ``pattern`` finds in ``clause``; ``None`` when it finds none or several different ones."""
+    values = {group(m) for m in pattern.finditer(clause)}
+    return values.pop() if len(values) == 1 else None
+
+
+def label_report_with_attributes(text: str) -> frozenset[tuple[str, str | None, str | None]]:
+    """The affirmed findings of a report as a set of ``(type, side, lobe)``, read from the text alone.
+
+    The attributes follow :data:`FINDING_VOCABULARY`: ``side`` ("left", "right", "bilateral") only for the
+    types that have one, ``lobe`` (chest "RUL".."LLL", head "frontal".."occipital") only for those that have
+    one; each is read from the mention's clause and is ``None`` when the clause names none or several
+    different values ("left effusion and right pneumothorax" in one clause leaves both sides ``None``).
+    The result has the shape of the ground-truth identity used for finding agreement, so it can group
+    reports that say the same thing (the alignment stage's ``soft_targets``) on real text as on phantoms.
+
+    Example:
+        >>> sorted(label_report_with_attributes("Small left pleural effusion. Consolidation in the right lower lobe."))
+        [('consolidation', 'right', 'RLL'), ('pleural_effusion', 'left', None)]
+    """
+    labels = set()
+    for mention in find_mentions(text):
+        if not mention.affirmed:
+            continue
+        spec = FINDING_VOCABULARY[mention.finding]
+        side = _clause_attribute(_SIDE_WORDS, mention.clause) if "side" in spec else None
+        lobe = None
+        if "lobe" in spec:
+            if spec["anatomy"] == "chest":
+                lobe = _clause_attribute(_CHEST_LOBE, mention.clause, lambda m: f"{m.group(1)[0]}{m.group(2)[0]}L".upper())
+            else:
+                lobe = _clause_attribute(_BRAIN_LOBE, mention.clause)
+        labels.add((mention.finding, side, lobe))
+    return frozenset(labels)
 
 
 def finding_types(findings: str | Iterable[Any]) -> set[str]:
