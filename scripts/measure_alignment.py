@@ -11,7 +11,8 @@ Variants (each trained by ``training/train_alignment.py`` with the same config, 
 * ``central_vi_soft`` (only when asked): ``central_vi`` with label-aware InfoNCE targets
   (``alignment.soft_targets=0.8``: reports the labeller reads as the same findings share 0.8 of the target);
 * ``central_vi_ct_frozen`` (only when asked): ``central_vi`` with the CT encoder frozen in the ct-mri round
-  (the tiny config's 800 + 200 steps), so that round cannot move CT away from the text it was aligned to.
+  (the tiny config's 800 + 200 steps), so that round cannot move CT away from the text it was aligned to;
+* ``central_vi_soft_ct_frozen`` (only when asked): both of the above.
 
 Every model is scored on the TEST split: Recall@1/@5 and top-1 finding agreement (with the agreement of a
 random pairing as chance) for text<->xray, text<->ct, text<->mri, xray<->mri (never trained directly in the
@@ -44,6 +45,7 @@ VARIANTS = {
                              "trainable: [text, xray, ct, mri], steps: 800}, {name: ct_mri, pairs: [[ct, mri]], "
                              "trainable: [mri], steps: 200}]"],
 }
+VARIANTS["central_vi_soft_ct_frozen"] = VARIANTS["central_vi_soft"] + VARIANTS["central_vi_ct_frozen"]
 TABLE_PAIRS = ("text-xray", "text-ct", "text-mri", "xray-mri", "xray-ct", "ct-mri")
 
 
