@@ -37,3 +37,31 @@ def test_multiflow_rounds_are_well_formed(configs):
         rounds = build_rounds(config["multiflow"], None)
         assert [r["kind"] for r in rounds][:3] == ["joint"] * 3, name
         assert rounds[1]["trainable"] == ["ct"] and rounds[2]["trainable"] == ["mri"]  # text frozen, then ct frozen
+
+
+@pytest.mark.parametrize("name", ["lora", "phantom_baselines"])
+def test_finetune_tasks_are_valid(name):
+    from training_scripts import load_training_script
+
+    finetune = load_training_script("finetune_lora")
+    config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    for task in config["tasks"]:
+        cfg = finetune.task_config(config, task)
+        assert int(cfg["max_train_steps"]) > 0 and int(cfg["train_batch_size"]) > 0, task
+
+
+def test_phantom_baselines_match_the_benchmark_translations():
+    """Every baseline task trains one of the benchmark's image -> image rows, and the recipe scores it on that row."""
+    import re
+
+    from medm2g_diffusers.evaluation.benchmark import TRANSLATIONS, parse_translation
+
+    config = yaml.safe_load((CONFIGS / "phantom_baselines.yaml").read_text())
+    recipe = (CONFIGS.parent / "recipes" / "phantom_baselines.sh").read_text()
+    scored = dict(re.findall(r"\[(\w+)\]=\"([^\"]+)\"", recipe))
+    assert sorted(scored) == sorted(config["tasks"])
+    benchmark = {(tuple(s), t) for _, s, t in TRANSLATIONS}
+    for task, spec in config["tasks"].items():
+        _, sources, target = parse_translation(scored[task])
+        assert (sources, target) == (spec["sources"], spec["target"]), task
+        assert (tuple(sources), target) in benchmark, task

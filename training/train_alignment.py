@@ -48,7 +48,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from medm2g_diffusers.data.datasets import load_medm2g_dataset
 from medm2g_diffusers.evaluation.finding_labeller import label_report_with_attributes
 from medm2g_diffusers.modalities import modalities_of_family, to_model_range
-from medm2g_diffusers.models.prompt_encoders import TEXT_FAMILY, MedM2GPromptEncoders, minilm_path
+from medm2g_diffusers.models.prompt_encoders import MINILM_TEXT_KEYS, TEXT_FAMILY, MedM2GPromptEncoders, minilm_path
 from medm2g_diffusers.tokenizer import train_report_tokenizer
 from medm2g_diffusers.training_utils import (
     StepBatchSampler,
@@ -291,6 +291,10 @@ def build_model(cfg: dict, tokenizer: PreTrainedTokenizerBase, sample_size: int)
     model_kwargs = dict(cfg.get("model", {}))
     model_kwargs["sample_size"] = sample_size
     if cfg.get("text_backbone", "scratch") == "minilm":
+        # The YAML's text_* keys shape a scratch encoder; MiniLM brings its own shape.
+        dropped = {k: model_kwargs.pop(k) for k in MINILM_TEXT_KEYS if k in model_kwargs}
+        if dropped:
+            logger.info("text_backbone: minilm: ignoring the scratch text encoder's %s", sorted(dropped))
         return MedM2GPromptEncoders.from_minilm(**model_kwargs)
     return MedM2GPromptEncoders(
         text_vocab_size=len(tokenizer), text_pad_token_id=tokenizer.pad_token_id, text_backbone="scratch", **model_kwargs

@@ -27,7 +27,7 @@ from medm2g_diffusers.data.datasets import has_image, load_medm2g_dataset
 from medm2g_diffusers.data.io import write_png
 from medm2g_diffusers.data.preview import display_range
 from medm2g_diffusers.evaluation.benchmark import BenchmarkConfig, generate
-from medm2g_diffusers.evaluation.benchmark_tables import evaluate_command, markdown_tables
+from medm2g_diffusers.evaluation.benchmark_tables import evaluate_command, markdown_tables, paired_table
 from medm2g_diffusers.evaluation.image_metrics import psnr_ssim
 from medm2g_diffusers.modalities import to_model_range
 from medm2g_diffusers.training_utils import atomic_write_text
@@ -45,33 +45,6 @@ MODEL = "lora"
 MODES = {"lora": "LoRA adapter on medm2g-tiny", "scratch": "plain conditional LDM (same denoisers, random init, trained in full)",
          "regression": "regression UNet (pix2pix generator, no adversary; L1)"}
 MONTAGE_ROWS = 6
-
-
-def paired(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean of ``a - b`` over the same images and its standard error."""
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-
-
-def verdict(mean: float, se: float) -> str:
-    if abs(mean) <= 2 * se:
-        return "within 2 SE"
-    return "LoRA better" if mean > 0 else "LoRA worse"
-
-
-def paired_table(results: dict) -> list[str]:
-    lines = []
-    for task, entry in results.get("image_to_image", {}).items():
-        if MODEL not in entry:
-            continue
-        others = [name for name in results["baselines"] if name in entry]
-        lines += [f"Paired on the same {entry['n']} images ({task}): LoRA minus each model, mean ± standard error.", "",
-                  "| LoRA minus | PSNR dB | SSIM | reading (PSNR / SSIM) |", "| --- | --- | --- | --- |"]
-        for name in others:
-            p, s = paired(entry[MODEL]["psnr"], entry[name]["psnr"]), paired(entry[MODEL]["ssim"], entry[name]["ssim"])
-            lines.append(f"| {name} | {p[0]:+.2f} ± {p[1]:.2f} | {s[0]:+.3f} ± {s[1]:.3f} | {verdict(*p)} / {verdict(*s)} |")
-        lines.append("")
-    return lines
 
 
 def budget_table(root: Path, task: str) -> list[str]:
@@ -182,7 +155,7 @@ def main() -> None:
             lines += [f"## {title}", "", f"Not run yet (`{path}` is missing).", ""]
             continue
         results = json.loads(path.read_text())
-        lines += [f"## {title}", "", f"```bash\n{evaluate_command(results)}\n```", "", markdown_tables(results), *paired_table(results)]
+        lines += [f"## {title}", "", f"```bash\n{evaluate_command(results)}\n```", "", markdown_tables(results), *paired_table(results, MODEL, "LoRA")]
         if "image_to_image" in results:
             lines += vae_ceiling(results, root / data)
         lines += ["Training budgets (`budget.json` of each run):", "", *budget_table(root, task)]

@@ -41,7 +41,7 @@ or `medm2g generate --prompt "..." --targets xray ct`.
 
 - Learning and testing MedM2G's any-to-any generation: text -> image (one or several modalities jointly),
   image -> report, MRI -> CT, CT -> X-ray and MRI contrast synthesis.
-- A base for fine-tuning on a user's own paired data (`training/train_multiflow.py`; LoRA is planned).
+- A base for fine-tuning on a user's own paired data: LoRA adapters, a full fine-tune or the same denoisers from scratch (`training/finetune_lora.py`, `docs/results/real-data.md`).
 - Benchmarks and software tests that need a real, small, deterministic generator.
 
 Out of scope: any clinical or diagnostic use; generating images to pass off as real patient data; training

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 
 def _f(value: Any, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
@@ -88,6 +90,42 @@ def image_to_image_table(results: dict) -> list[str]:
     one_pass = [n for n, p in results.get("pipelines", {}).items() if p["class"] == "MedM2GRegressionPipeline"]
     note = f" {', '.join(one_pass)}: one forward pass (no sampling steps, no guidance)." if one_pass else ""
     return lines + ["", f"Protocol: {protocol}.{note}"] + _cannot(results, results["image_to_image"]) + [""]
+
+
+def paired_difference(a, b) -> tuple[float, float]:
+    """Mean of ``a - b`` over the same images and its standard error (NaN for a single image)."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+
+
+def paired_reading(mean: float, se: float, name: str) -> str:
+    """``"within 2 SE"``, or whether ``name`` (the model whose scores came first) is better or worse."""
+    if not abs(mean) > 2 * se:  # a NaN standard error reads as "within": one image decides nothing
+        return "within 2 SE"
+    return f"{name} better" if mean > 0 else f"{name} worse"
+
+
+def paired_table(results: dict, model: str | None = None, label: str | None = None) -> list[str]:
+    """Per image -> image task, ``model`` (default: the run's model) minus every other pipeline scored on the same
+    images: PSNR and SSIM, mean ± standard error, and the reading at 2 SE."""
+    model = model or results["model"]
+    label = label or model
+    lines = []
+    for task, entry in results.get("image_to_image", {}).items():
+        if model not in entry:
+            continue
+        others = [name for name in [results["model"], *results["baselines"]] if name in entry and name != model]
+        if not others:
+            continue
+        lines += [f"Paired on the same {entry['n']} images ({task}): {label} minus each model, mean ± standard error.", "",
+                  f"| {label} minus | PSNR dB | SSIM | reading (PSNR / SSIM) |", "| --- | --- | --- | --- |"]
+        for name in others:
+            p = paired_difference(entry[model]["psnr"], entry[name]["psnr"])
+            s = paired_difference(entry[model]["ssim"], entry[name]["ssim"])
+            lines.append(f"| {name} | {p[0]:+.2f} ± {p[1]:.2f} | {s[0]:+.3f} ± {s[1]:.3f} | "
+                         f"{paired_reading(*p, label)} / {paired_reading(*s, label)} |")
+        lines.append("")
+    return lines
 
 
 def joint_table(results: dict) -> list[str]:

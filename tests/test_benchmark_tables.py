@@ -1,0 +1,35 @@
+"""The paired-difference helpers of the results pages, against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from medm2g_diffusers.evaluation.benchmark_tables import paired_difference, paired_reading, paired_table
+
+
+def test_paired_difference_hand_checked():
+    mean, se = paired_difference([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+    assert mean == pytest.approx(2.0) and se == pytest.approx(1.0 / math.sqrt(3.0))  # std([1, 2, 3], ddof=1) = 1
+    mean, se = paired_difference([5.0], [4.0])
+    assert mean == 1.0 and math.isnan(se)
+
+
+def test_paired_reading():
+    assert paired_reading(2.0, 0.5, "A") == "A better"
+    assert paired_reading(-2.0, 0.5, "A") == "A worse"
+    assert paired_reading(0.9, 0.5, "A") == "within 2 SE"
+    assert paired_reading(3.0, float("nan"), "A") == "within 2 SE"
+
+
+def test_paired_table_rows():
+    scores = lambda psnr, ssim: {"psnr": psnr, "ssim": ssim}  # noqa: E731
+    results = {"model": "m", "baselines": ["b", "c"], "image_to_image": {
+        "T2 -> T1": {"n": 3, "m": scores([20.0, 21.0, 22.0], [0.5, 0.5, 0.5]), "b": scores([19.0, 19.0, 19.0], [0.5, 0.6, 0.7]),
+                     "skipped": {"c": "cannot"}}}}
+    lines = paired_table(results)
+    assert lines[0] == "Paired on the same 3 images (T2 -> T1): m minus each model, mean ± standard error."
+    assert lines[4] == "| b | +2.00 ± 0.58 | -0.100 ± 0.058 | m better / within 2 SE |"
+    assert len(lines) == 6  # header (4 lines), one row for b (c was not scored), blank
+    assert paired_table(results, "b", "B")[4].startswith("| m | -2.00 ± 0.58 | +0.100 ± 0.058 | B worse / within 2 SE")

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The same-budget plain conditional LDM baseline of every image -> image task of the phantom benchmark, then
+# the benchmark's image -> image table per task with medm2g-tiny beside it (docs/results/phantom-baselines.md).
+# Per task: training/finetune_lora.py --init scratch with training/configs/phantom_baselines.yaml (the target
+# family's denoiser from random weights, trained in full on that task alone; budget and why in the config).
+#   bash training/recipes/phantom_baselines.sh [TASK ...]            # train (default: every task, in order)
+#   bash training/recipes/phantom_baselines.sh evaluate [TASK ...]   # score medm2g-tiny and the baseline per task
+#   python scripts/write_phantom_baselines_page.py                   # the results page
+# A model that is already there is not trained again (delete its folder to retrain); each run resumes from its
+# latest checkpoint. Needs the tiny recipe's phantoms (runs/tiny/phantoms: bash training/recipes/tiny.sh).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+CONFIG=${CONFIG:-training/configs/phantom_baselines.yaml}
+PY=${PY:-.venv/bin/python}
+ROOT=$($PY -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1]))['output_root'])" "$CONFIG")
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_DATASETS_DISABLE_PROGRESS_BARS=1
+# task -> the benchmark's translation (medm2g evaluate --translations), in the benchmark's order.
+declare -A TRANSLATION=(
+  [phantom_t1_to_ct]="mri_t1->ct" [phantom_ct_to_xray]="ct->xray" [phantom_t2_pd_to_t1]="mri_t2+mri_pd->mri_t1"
+  [phantom_t1_t2_to_flair]="mri_t1+mri_t2->mri_flair" [phantom_t1_t2_flair_to_pd]="mri_t1+mri_t2+mri_flair->mri_pd"
+)
+ORDER=(phantom_t2_pd_to_t1 phantom_t1_to_ct phantom_ct_to_xray phantom_t1_t2_to_flair phantom_t1_t2_flair_to_pd)
+mkdir -p "$ROOT/logs"
+timed() { local start=$SECONDS; "$@"; echo "[phantom_baselines.sh] $* took $((SECONDS - start)) s" | tee -a "$ROOT/recipe_times.log"; }
+
+mode=train
+if [ "${1:-}" = evaluate ]; then mode=evaluate; shift; fi
+tasks=("$@")
+[ ${#tasks[@]} -gt 0 ] || tasks=("${ORDER[@]}")
+for task in "${tasks[@]}"; do
+  [ -n "${TRANSLATION[$task]:-}" ] || { echo "unknown task $task; one of ${ORDER[*]}" >&2; exit 2; }
+  if [ $mode = train ]; then
+    [ -e "$ROOT/$task/scratch" ] && { echo "== $task: $ROOT/$task/scratch exists; skipped"; continue; }
+    timed $PY training/finetune_lora.py --config "$CONFIG" --task "$task" --init scratch --resume_from_checkpoint latest \
+      > "$ROOT/logs/$task.log" 2>&1
+  else
+    timed .venv/bin/medm2g evaluate --model medm2g-tiny --baseline "plain_ldm=$ROOT/$task/scratch" --tasks image_to_image \
+      --translations "${TRANSLATION[$task]}" --threads "$OMP_NUM_THREADS" --out "$ROOT/evaluate/$task" > "$ROOT/logs/evaluate_$task.log" 2>&1
+  fi
+done
