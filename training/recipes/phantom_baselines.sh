@@ -16,10 +16,10 @@ ROOT=$($PY -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1]))['output_
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_DATASETS_DISABLE_PROGRESS_BARS=1
 # task -> the benchmark's translation (medm2g evaluate --translations), in the benchmark's order.
 declare -A TRANSLATION=(
-  [phantom_t1_to_ct]="mri_t1->ct" [phantom_ct_to_xray]="ct->xray" [phantom_t2_pd_to_t1]="mri_t2+mri_pd->mri_t1"
+  [phantom_t1_to_ct]="mri_t1->ct" [phantom_t1_t2_flair_to_ct]="mri_t1+mri_t2+mri_flair->ct" [phantom_ct_to_xray]="ct->xray" [phantom_t2_pd_to_t1]="mri_t2+mri_pd->mri_t1"
   [phantom_t1_t2_to_flair]="mri_t1+mri_t2->mri_flair" [phantom_t1_t2_flair_to_pd]="mri_t1+mri_t2+mri_flair->mri_pd"
 )
-ORDER=(phantom_t2_pd_to_t1 phantom_t1_to_ct phantom_ct_to_xray phantom_t1_t2_to_flair phantom_t1_t2_flair_to_pd)
+ORDER=(phantom_t2_pd_to_t1 phantom_t1_to_ct phantom_ct_to_xray phantom_t1_t2_to_flair phantom_t1_t2_flair_to_pd phantom_t1_t2_flair_to_ct)
 mkdir -p "$ROOT/logs"
 timed() { local start=$SECONDS; "$@"; echo "[phantom_baselines.sh] $* took $((SECONDS - start)) s" | tee -a "$ROOT/recipe_times.log"; }
 
