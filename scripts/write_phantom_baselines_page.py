@@ -31,9 +31,17 @@ from medm2g_diffusers.training_utils import atomic_write_text
 NOTES_MARKER = "<!-- notes: written by hand below this line; every number is quoted from the tables above -->"
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "training" / "configs" / "phantom_baselines.yaml"
-# The samples medm2g-tiny's denoiser of each family saw (training/configs/tiny.yaml: stage 2 + its translation round).
-MODEL_BUDGET = {"ct": "1000 x 32 (stage 2) + 500 x 32 (round mri_to_ct)", "xray": "1000 x 32 (stage 2) + 400 x 32 (round ct_to_xray)",
-                "mri": "1000 x 32 (stage 2) + 500 x 32 (round mri_synthesis)"}
+TINY_CONFIG = ROOT / "training" / "configs" / "tiny.yaml"
+
+
+def model_budget(family: str) -> str:
+    """The samples medm2g-tiny's denoiser of ``family`` saw, read from its recipe's config: stage 2 + its
+    translation round."""
+    tiny = yaml.safe_load(TINY_CONFIG.read_text())
+    ldm = {**tiny["ldm"], **(tiny["ldm"].get("families") or {}).get(family, {})}
+    rounds = [r for r in tiny["multiflow"]["rounds"] if r["kind"] == "translation" and r["target"] == family]
+    return " + ".join([f"{ldm['max_train_steps']} x {ldm['train_batch_size']} (stage 2)",
+                       *(f"{r['steps']} x {tiny['multiflow']['train_batch_size']} (round {r['name']})" for r in rounds)])
 
 
 @torch.no_grad()
@@ -61,7 +69,7 @@ def budget_lines(root: Path, task: str, family: str) -> list[str]:
     b = json.loads(path.read_text())
     minutes = "–" if b.get("train_seconds") is None else f"{b['train_seconds'] / 60:.1f}"
     return ["| model | steps x batch of the target's denoiser | trainable parameters | training minutes |", "| --- | --- | --- | --- |",
-            f"| medm2g-tiny | {MODEL_BUDGET[family]}, shared with text -> image and every source | – | see stages.md, multiflow.md |",
+            f"| medm2g-tiny | {model_budget(family)}, shared with text -> image and every source | – | see stages.md, multiflow.md |",
             f"| plain_ldm | {b['steps']} x {b['train_batch_size']}, this task only | {b['trainable_parameters']:,} | {minutes} "
             f"({b['torch_threads']} thread) |", ""]
 
