@@ -15,8 +15,8 @@ in the canonical layout (``medm2g prepare``) and what to learn from it:
 
 Modes (one per run, each written to its own folder under ``<output_root>/<task>/``):
 
-* default, ``lora/``: a LoRA adapter on the task's denoisers (attention, θ_c and ``conv_in``; ``lora.targets``),
-  everything else frozen. The folder is an adapter for ``pipe.load_lora_weights`` (a few hundred kB).
+* default, ``lora/``: a LoRA adapter on the task's denoisers (attention, θ_c and ``conv_in``; ``lora.targets``;
+  DoRA with ``lora.use_dora``), everything else frozen. The folder is an adapter for ``pipe.load_lora_weights`` (a few hundred kB).
 * ``--full``, ``full/``: the task's whole denoisers train, from the base model's weights; a whole pipeline.
 * ``--init scratch``, ``scratch/``: the same denoisers from random weights, trained in full on the same data
   with the same steps and batch: the plain conditional LDM baseline (no phantom pretraining, no MedM2G
@@ -259,6 +259,7 @@ def prepare_model(pipe: MedM2GPipeline, cfg: dict[str, Any], streams: list[dict[
         config = LoraConfig(
             r=int(lora["rank"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora.get("dropout", 0.0)),
             target_modules=lora_target_modules(multiflow, families, lora.get("targets", "attention")), init_lora_weights=True,
+            use_dora=bool(lora.get("use_dora", False)),
         )
         pipe.add_lora_adapter(config, cfg["name"], {"task": cfg["name"], "contrast_init": contrast_init})
         trainable = [p for n, p in multiflow.named_parameters() if f".{cfg['name']}." in n and ".lora_" in n]
