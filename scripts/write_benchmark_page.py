@@ -12,10 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-from medm2g_diffusers.evaluation.benchmark_tables import evaluate_command, markdown_tables
-from medm2g_diffusers.training_utils import atomic_write_text
+from medm2g_diffusers.evaluation.benchmark_tables import evaluate_command, markdown_tables, write_page_keeping_notes
 
-NOTES_MARKER = "<!-- notes: written by hand below this line; every number is quoted from the tables above -->"
 
 
 def main() -> None:
@@ -26,9 +24,6 @@ def main() -> None:
     args = parser.parse_args()
 
     out = Path(args.out)
-    notes = ""
-    if out.is_file() and NOTES_MARKER in out.read_text():
-        notes = out.read_text().split(NOTES_MARKER, 1)[1]
     main_results = json.loads(Path(args.main).read_text())
     lines = ["# The phantom benchmark", "",
              "Made by `scripts/write_benchmark_page.py` from the JSON of the runs below (rerun them to reproduce).", "",
@@ -44,7 +39,7 @@ def main() -> None:
         times = Path(args.ablation).parents[1] / "recipe_times.log"
         if times.is_file():
             lines += ["Ablation training wall times (`recipe_times.log`):", "", "```", times.read_text().strip(), "```", ""]
-    atomic_write_text(out, "\n".join(lines) + "\n" + NOTES_MARKER + (notes or "\n"))
+    write_page_keeping_notes(out, lines)
     print(f"wrote {out}")
 
 

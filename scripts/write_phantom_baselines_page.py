@@ -23,12 +23,10 @@ import yaml
 from medm2g_diffusers import MedM2GPipeline
 from medm2g_diffusers.data.preview import display_range
 from medm2g_diffusers.evaluation.benchmark import BenchmarkConfig, display, load_splits, native, rows_with
-from medm2g_diffusers.evaluation.benchmark_tables import evaluate_command, markdown_tables, paired_table
+from medm2g_diffusers.evaluation.benchmark_tables import evaluate_command, markdown_tables, paired_table, write_page_keeping_notes
 from medm2g_diffusers.evaluation.image_metrics import psnr_ssim
 from medm2g_diffusers.modalities import from_model_range, get_modality, to_model_range
-from medm2g_diffusers.training_utils import atomic_write_text
 
-NOTES_MARKER = "<!-- notes: written by hand below this line; every number is quoted from the tables above -->"
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "training" / "configs" / "phantom_baselines.yaml"
 TINY_CONFIG = ROOT / "training" / "configs" / "tiny.yaml"
@@ -82,7 +80,6 @@ def main() -> None:
     config = yaml.safe_load(Path(args.config).read_text())
     root, out = Path(config["output_root"]), Path(args.out)
     torch.set_num_threads(2)
-    notes = out.read_text().split(NOTES_MARKER, 1)[1] if out.is_file() and NOTES_MARKER in out.read_text() else "\n"
     pipe = MedM2GPipeline.from_pretrained(config["base_model"])
     lines = ["# Image -> image on the phantoms: medm2g-tiny against same-budget plain conditional LDMs", "",
              "Made by `scripts/write_phantom_baselines_page.py` from the runs of `bash training/recipes/phantom_baselines.sh && "
@@ -101,7 +98,7 @@ def main() -> None:
         family = get_modality(spec["target"]).family
         lines += [title, "", f"```bash\n{evaluate_command(results)}\n```", "", markdown_tables(results), *paired_table(results),
                   *vae_ceiling(pipe, results), *budget_lines(root, task, family)]
-    atomic_write_text(out, "\n".join(lines) + "\n" + NOTES_MARKER + notes)
+    write_page_keeping_notes(out, lines)
     print(f"wrote {out}")
 
 

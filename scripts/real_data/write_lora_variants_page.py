@@ -11,10 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
-from medm2g_diffusers.evaluation.benchmark_tables import evaluate_command, markdown_tables, paired_difference, paired_reading
-from medm2g_diffusers.training_utils import atomic_write_text
+from medm2g_diffusers.evaluation.benchmark_tables import evaluate_command, markdown_tables, paired_difference, paired_reading, write_page_keeping_notes
 
-NOTES_MARKER = "<!-- notes: written by hand below this line; every number is quoted from the tables above -->"
 RUNS = {  # evaluate folder -> (task, title)
     "harvard_validation": ("harvard_mri_to_ct", "MRI (T2) -> CT, Harvard validation series (16)"),
     "harvard_test": ("harvard_mri_to_ct", "MRI (T2) -> CT, Harvard test series (32)"),
@@ -71,7 +69,6 @@ def main() -> None:
     parser.add_argument("--out", default="docs/results/real-lora-variants.md")
     args = parser.parse_args()
     root, out = Path(args.root), Path(args.out)
-    notes = out.read_text().split(NOTES_MARKER, 1)[1] if out.is_file() and NOTES_MARKER in out.read_text() else "\n"
     lines = ["# Real data: adapter capacity against the phantom prior", "",
              "Made by `scripts/real_data/write_lora_variants_page.py` from the runs of `bash scripts/real_data/lora_variants.sh`. "
              "Every model trains the same steps x batch on the same training patients as in [real-data.md](real-data.md) "
@@ -89,7 +86,7 @@ def main() -> None:
             seen_tasks.append(task)
     for task in seen_tasks:
         lines += [f"## Training budgets: {task} (`budget.json` of each run)", "", *budget_table(root, task)]
-    atomic_write_text(out, "\n".join(lines) + "\n" + NOTES_MARKER + notes)
+    write_page_keeping_notes(out, lines)
     print(f"wrote {out}")
 
 

@@ -27,12 +27,10 @@ from medm2g_diffusers.data.datasets import has_image, load_medm2g_dataset
 from medm2g_diffusers.data.io import write_png
 from medm2g_diffusers.data.preview import display_range
 from medm2g_diffusers.evaluation.benchmark import BenchmarkConfig, generate
-from medm2g_diffusers.evaluation.benchmark_tables import evaluate_command, markdown_tables, paired_table
+from medm2g_diffusers.evaluation.benchmark_tables import evaluate_command, markdown_tables, paired_table, write_page_keeping_notes
 from medm2g_diffusers.evaluation.image_metrics import psnr_ssim
 from medm2g_diffusers.modalities import to_model_range
-from medm2g_diffusers.training_utils import atomic_write_text
 
-NOTES_MARKER = "<!-- notes: written by hand below this line; every number is quoted from the tables above -->"
 # task -> (dataset folder, title); the order of the page.
 TASKS = {
     "harvard_mri_to_ct": ("harvard_ct_mri", "MRI (T2) -> CT on the Harvard CT-MRI pairs"),
@@ -138,7 +136,6 @@ def main() -> None:
     args = parser.parse_args()
     root, out = Path(args.root), Path(args.out)
     torch.set_num_threads(2)
-    notes = out.read_text().split(NOTES_MARKER, 1)[1] if out.is_file() and NOTES_MARKER in out.read_text() else "\n"
     lines = ["# Real data: LoRA fine-tuning against the unfine-tuned model and same-budget baselines", "",
              "Made by `scripts/real_data/write_results_page.py` from the runs of `bash scripts/real_data/run_all.sh` (prepare, "
              "train every model, evaluate; about an hour on 2 cores). Real data never enters the repository: the datasets are "
@@ -161,7 +158,7 @@ def main() -> None:
         lines += ["Training budgets (`budget.json` of each run):", "", *budget_table(root, task)]
         if "image_to_image" in results and not args.no_montage:
             lines += montage(results, root / data, root, task)
-    atomic_write_text(out, "\n".join(lines) + "\n" + NOTES_MARKER + notes)
+    write_page_keeping_notes(out, lines)
     print(f"wrote {out}")
 
 

@@ -206,3 +206,19 @@ def evaluate_command(results: dict) -> str:
         else:
             parts.append(f"{flag} {value}")
     return " ".join(parts)
+
+
+NOTES_MARKER = "<!-- notes: written by hand below this line; every number is quoted from the tables above -->"
+
+
+def write_page_keeping_notes(out, lines: list[str]) -> None:
+    """Writes a generated results page atomically; the hand-written notes below `NOTES_MARKER` of the page
+    already at ``out`` are kept, so regenerating the tables never loses a reading."""
+    from pathlib import Path
+
+    from ..training_utils import atomic_write_text
+
+    out = Path(out)
+    old = out.read_text() if out.is_file() else ""
+    notes = old.split(NOTES_MARKER, 1)[1] if NOTES_MARKER in old else "\n"
+    atomic_write_text(out, "\n".join(lines) + "\n" + NOTES_MARKER + notes)
