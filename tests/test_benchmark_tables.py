@@ -33,3 +33,13 @@ def test_paired_table_rows():
     assert lines[4] == "| b | +2.00 ± 0.58 | -0.100 ± 0.058 | m better / within 2 SE |"
     assert len(lines) == 6  # header (4 lines), one row for b (c was not scored), blank
     assert paired_table(results, "b", "B")[4].startswith("| m | -2.00 ± 0.58 | +0.100 ± 0.058 | B worse / within 2 SE")
+
+
+def test_paired_table_against_only_the_named_models():
+    scores = lambda psnr: {"psnr": psnr, "ssim": [0.5, 0.5]}  # noqa: E731
+    results = {"model": "m", "baselines": ["b", "c"], "image_to_image": {
+        "T2 -> T1": {"n": 2, "m": scores([20.0, 22.0]), "b": scores([19.0, 19.0]), "c": scores([21.0, 21.0])}}}
+    assert [line.split(" |")[0] for line in paired_table(results)[4:6]] == ["| b", "| c"]
+    lines = paired_table(results, against=["c"])
+    assert len(lines) == 6 and lines[4].startswith("| c | +0.00 ± 1.00 |")
+    assert paired_table(results, against=["absent"]) == []  # nothing to pair with: no table at all

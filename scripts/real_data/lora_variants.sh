@@ -5,7 +5,7 @@
 #   plain_ldm   the same denoisers from random weights (--init scratch)                   -> $OUT/<task>/scratch
 #   lora_r64    rank 64 (alpha 64)                                                        -> $OUT/variants/lora_r64/<task>/lora
 #   lora_dora   rank 32 with DoRA's per-output magnitude (finetune.lora.use_dora)         -> $OUT/variants/lora_dora/<task>/lora
-#   full        the whole pretrained denoiser (--full, finetune.learning_rate 2e-4)       -> $OUT/variants/full/<task>/full
+#   full        the whole pretrained denoiser (--full at 2e-4, stage 3's denoiser rate)    -> $OUT/variants/full/<task>/full
 #   full_lr5e-4 the same at the plain LDM's rate (5e-4): the prior alone against random init -> $OUT/variants/full_lr5e-4/<task>/full
 # scores them side by side with `medm2g evaluate` (Harvard: validation and test series; BraTS: validation,
 # the only held-out subject) and writes docs/results/real-lora-variants.md. Run from the repository root after
@@ -31,7 +31,7 @@ train() {
         plain_ldm) root=$OUT folder=scratch args=(--init scratch) ;;
         lora_r64) args=(--set finetune.lora.rank=64 --set finetune.lora.alpha=64) ;;
         lora_dora) args=(--set finetune.lora.use_dora=true) ;;
-        full) folder=full args=(--full) ;;
+        full) folder=full args=(--full --set finetune.learning_rate=2e-4) ;;  # the rate lora.yaml had when the page was made
         full_lr5e-4) folder=full args=(--full --set finetune.learning_rate=5e-4) ;;
     esac
     [[ -e "$root/$task/$folder" ]] && { echo "== $task $variant: $root/$task/$folder exists; skipped"; return; }

@@ -4,8 +4,12 @@
 # Per task: training/finetune_lora.py --init scratch with training/configs/phantom_baselines.yaml (the target
 # family's denoiser from random weights, trained in full on that task alone; budget and why in the config).
 #   bash training/recipes/phantom_baselines.sh [TASK ...]            # train (default: every task, in order)
-#   bash training/recipes/phantom_baselines.sh evaluate [TASK ...]   # score medm2g-tiny and the baseline per task
+#   bash training/recipes/phantom_baselines.sh finetune [TASK ...]   # medm2g-tiny fine-tuned in full on the task, same budget
+#   FINETUNE_LR=5e-4 bash training/recipes/phantom_baselines.sh finetune [TASK ...]   # the same at another rate (variants/)
+#   bash training/recipes/phantom_baselines.sh evaluate [TASK ...]   # score medm2g-tiny, the baseline (and the fine-tune) per task
 #   python scripts/write_phantom_baselines_page.py                   # the results page
+# The fine-tune (`--full`, from medm2g-tiny, at stage 3's denoiser rate) gets the baseline's steps x batch on the task:
+# it asks whether medm2g-tiny's prior helps a translation when the task gets as many samples as the baseline had.
 # A model that is already there is not trained again (delete its folder to retrain); each run resumes from its
 # latest checkpoint. Needs the tiny recipe's phantoms (runs/tiny/phantoms: bash training/recipes/tiny.sh).
 set -euo pipefail
@@ -24,7 +28,7 @@ mkdir -p "$ROOT/logs"
 timed() { local start=$SECONDS; "$@"; echo "[phantom_baselines.sh] $* took $((SECONDS - start)) s" | tee -a "$ROOT/recipe_times.log"; }
 
 mode=train
-if [ "${1:-}" = evaluate ]; then mode=evaluate; shift; fi
+case "${1:-}" in evaluate|finetune) mode=$1; shift ;; esac
 tasks=("$@")
 [ ${#tasks[@]} -gt 0 ] || tasks=("${ORDER[@]}")
 for task in "${tasks[@]}"; do
@@ -33,8 +37,21 @@ for task in "${tasks[@]}"; do
     [ -e "$ROOT/$task/scratch" ] && { echo "== $task: $ROOT/$task/scratch exists; skipped"; continue; }
     timed $PY training/finetune_lora.py --config "$CONFIG" --task "$task" --init scratch --resume_from_checkpoint latest \
       > "$ROOT/logs/$task.log" 2>&1
+  elif [ $mode = finetune ]; then
+    root=$ROOT args=() log=${task}_full
+    if [ -n "${FINETUNE_LR:-}" ]; then  # another rate: its own output root, scored as finetuned_lr<rate>
+      root=$ROOT/variants/lr$FINETUNE_LR args=(--set "output_root=$root" --set "finetune.learning_rate=$FINETUNE_LR") log=${task}_full_lr$FINETUNE_LR
+    fi
+    [ -e "$root/$task/full" ] && { echo "== $task: $root/$task/full exists; skipped"; continue; }
+    timed $PY training/finetune_lora.py --config "$CONFIG" --task "$task" --full "${args[@]}" --resume_from_checkpoint latest \
+      > "$ROOT/logs/$log.log" 2>&1
   else
-    timed .venv/bin/medm2g evaluate --model medm2g-tiny --baseline "plain_ldm=$ROOT/$task/scratch" --tasks image_to_image \
+    finetuned=()  # scored beside the others once trained: the config's rate, then every FINETUNE_LR variant
+    [ -e "$ROOT/$task/full" ] && finetuned=(--baseline "finetuned=$ROOT/$task/full")
+    for variant in "$ROOT"/variants/lr*; do
+      [ -e "$variant/$task/full" ] && finetuned+=(--baseline "finetuned_$(basename "$variant")=$variant/$task/full")
+    done
+    timed .venv/bin/medm2g evaluate --model medm2g-tiny --baseline "plain_ldm=$ROOT/$task/scratch" "${finetuned[@]}" --tasks image_to_image \
       --translations "${TRANSLATION[$task]}" --threads "$OMP_NUM_THREADS" --out "$ROOT/evaluate/$task" > "$ROOT/logs/evaluate_$task.log" 2>&1
   fi
 done

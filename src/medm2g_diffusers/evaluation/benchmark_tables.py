@@ -105,16 +105,18 @@ def paired_reading(mean: float, se: float, name: str) -> str:
     return f"{name} better" if mean > 0 else f"{name} worse"
 
 
-def paired_table(results: dict, model: str | None = None, label: str | None = None) -> list[str]:
+def paired_table(results: dict, model: str | None = None, label: str | None = None,
+                 against: list[str] | None = None) -> list[str]:
     """Per image -> image task, ``model`` (default: the run's model) minus every other pipeline scored on the same
-    images: PSNR and SSIM, mean ± standard error, and the reading at 2 SE."""
+    images (or only those named in ``against``): PSNR and SSIM, mean ± standard error, and the reading at 2 SE."""
     model = model or results["model"]
     label = label or model
     lines = []
     for task, entry in results.get("image_to_image", {}).items():
         if model not in entry:
             continue
-        others = [name for name in [results["model"], *results["baselines"]] if name in entry and name != model]
+        others = [name for name in [results["model"], *results["baselines"]]
+                  if name in entry and name != model and (against is None or name in against)]
         if not others:
             continue
         lines += [f"Paired on the same {entry['n']} images ({task}): {label} minus each model, mean ± standard error.", "",
