@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "real_data" / "write_lora_variants_page.py"
+from training_scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def page():
-    spec = importlib.util.spec_from_file_location("write_lora_variants_page", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/real_data/write_lora_variants_page.py")
 
 
 def test_versus_baseline_pairs_each_fine_tune_with_the_plain_ldm(page):

@@ -1,4 +1,4 @@
-"""Imports the stage scripts under `training/` (plain scripts, not a package) as modules for the tests."""
+"""Imports the repository's plain scripts (`training/`, `scripts/`: not a package) as modules for the tests."""
 
 from __future__ import annotations
 
@@ -7,14 +7,22 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-TRAINING = Path(__file__).resolve().parents[1] / "training"
+ROOT = Path(__file__).resolve().parents[1]
+TRAINING = ROOT / "training"
 
 
 def load_training_script(name: str) -> ModuleType:
     """``load_training_script("train_ldm")`` imports ``training/train_ldm.py`` once and returns the module."""
+    return load_script(f"training/{name}.py")
+
+
+def load_script(path: str) -> ModuleType:
+    """``load_script("scripts/write_phantom_baselines_page.py")`` imports that file (relative to the repository
+    root) once, as a module named after its stem, and returns it."""
+    name = Path(path).stem
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, TRAINING / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up in sys.modules while the script executes
     spec.loader.exec_module(module)
