@@ -14,7 +14,7 @@ from medm2g_diffusers.models.attention_processor import CrossGuidedAttnProcessor
 from medm2g_diffusers.models.context_encoder import ContextEncoder
 from medm2g_diffusers.models.multiflow import MedM2GMultiFlowModel
 from medm2g_diffusers.models.text_unet import MedM2GTextUNet
-from medm2g_diffusers.single_flow import Condition, build_image_unet
+from medm2g_diffusers.single_flow import Condition, build_image_unet, unet_condition_kwargs
 
 COND = 16  # shared space: the UNets' cross_attention_dim and the guidance tokens' width
 CHANNELS, SIZE, TEXT_DIM, BATCH = 4, 8, 8, 2
@@ -237,6 +237,29 @@ def test_starts_exactly_at_the_single_flow_models(single_flow):
         for key in latents:
             expected = single_flow_prediction(single_flow, key, latents, timesteps, conditions)
             assert torch.equal(predictions[key], expected), key
+
+
+def test_a_pooled_condition_denoiser_gets_its_tokens_mean_from_the_joint_step(tmp_path):
+    """A denoiser built with pooled_condition reads the masked token mean (timestep_cond) inside the multi-flow
+    step too, and keeps it through save/load."""
+    unets = make_single_flow()
+    torch.manual_seed(0)
+    unets["xray"] = build_image_unet(SIZE, CHANNELS, COND, (8, 16), 1, 8, None, 8, pooled_condition=True).eval()
+    model = make_model(unets)
+    latents, timesteps, conditions = joint_inputs()
+    alone = {"xray": latents["xray"]}
+    condition = conditions["xray"]
+    with torch.no_grad():
+        prediction = model(alone, timesteps, conditions)["xray"]
+        expected = unets["xray"](latents["xray"], timesteps["xray"], **unet_condition_kwargs(unets["xray"], condition.tokens, condition.mask)).sample
+        without_pooled = unets["xray"](latents["xray"], timesteps["xray"], encoder_hidden_states=condition.tokens,
+                                       encoder_attention_mask=condition.mask).sample
+    assert torch.equal(prediction, expected)
+    assert not torch.allclose(prediction, without_pooled)
+    model.save_pretrained(tmp_path)
+    reloaded = MedM2GMultiFlowModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(alone, timesteps, conditions)["xray"], prediction)
 
 
 def test_guidance_couples_the_flows_and_never_feeds_a_stream_its_own_latent(single_flow):

@@ -94,7 +94,8 @@ def test_all_components_train_save_and_resume_reproducibly(config_path):
     assert set(vae_test["per_modality"]) >= {"ct", "mri_t1"} and np.isfinite(vae_test["psnr_mean"])
     assert (output_root / "validation" / "vae" / "final-test" / "reconstruction-ct.png").is_file()
     text_test = json.loads((output_root / "validation" / "text_vae" / "final-test" / "metrics.json").read_text())
-    assert {"exact_match", "bleu4", "reconstruction_loss"} <= set(text_test)
+    assert {"exact_match", "bleu4", "reconstruction_loss", "finding_f1"} <= set(text_test)
+    assert 0.0 <= text_test["finding_f1"] <= 1.0
     assert "HYP:" in (output_root / "validation" / "text_vae" / "final-test" / "reports.txt").read_text()
 
     # Interrupt after step 2 (drop the step-4 checkpoints) and resume: steps 3-4 repeat exactly.

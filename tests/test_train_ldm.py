@@ -12,7 +12,16 @@ import yaml
 from diffusers import UNet2DConditionModel
 
 from medm2g_diffusers.models.text_unet import MedM2GTextUNet
-from medm2g_diffusers.single_flow import Condition, build_image_unet, make_noise_scheduler, make_sampling_scheduler, sample_latents
+from medm2g_diffusers.single_flow import (
+    Condition,
+    build_image_unet,
+    diffusion_loss,
+    make_noise_scheduler,
+    make_sampling_scheduler,
+    pooled_condition,
+    sample_latents,
+    unet_condition_kwargs,
+)
 
 from tiny_workspace import build_workspace
 from training_scripts import load_training_script
@@ -113,3 +122,60 @@ def test_guided_sampling_is_seeded_and_uses_the_condition():
                        generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
+
+
+def test_pooled_condition_is_the_masked_mean_and_zero_for_the_null_condition():
+    tokens = torch.arange(24, dtype=torch.float32).view(2, 3, 4)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    pooled = pooled_condition(tokens, mask)
+    torch.testing.assert_close(pooled[0], tokens[0, :2].mean(0))
+    torch.testing.assert_close(pooled[1], tokens[1].mean(0))
+    null = Condition(tokens, mask).null()
+    assert torch.equal(pooled_condition(null.tokens, null.mask), torch.zeros(2, 4))
+
+
+def test_a_pooled_condition_unet_reads_the_tokens_mean_through_its_time_embedding():
+    torch.manual_seed(0)
+    plain = build_image_unet(sample_size=8, latent_channels=4, cross_attention_dim=8, block_out_channels=[16, 16], attention_head_dim=8)
+    torch.manual_seed(0)
+    pooled = build_image_unet(sample_size=8, latent_channels=4, cross_attention_dim=8, block_out_channels=[16, 16], attention_head_dim=8,
+                              pooled_condition=True).eval()
+    assert plain.config.time_cond_proj_dim is None and pooled.config.time_cond_proj_dim == 8
+    assert "timestep_cond" not in unet_condition_kwargs(plain, torch.zeros(1, 2, 8), None)
+    tokens, mask = torch.randn(2, 3, 8), torch.tensor([[1, 1, 0], [1, 1, 1]])
+    kwargs = unet_condition_kwargs(pooled, tokens, mask)
+    torch.testing.assert_close(kwargs["timestep_cond"], pooled_condition(tokens, mask))
+    sample, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    with torch.no_grad():
+        with_pooled = pooled(sample, t, **kwargs).sample
+        without = pooled(sample, t, encoder_hidden_states=tokens, encoder_attention_mask=mask).sample
+        # A padded token's value never reaches the output, through either path.
+        padded = tokens.clone()
+        padded[0, 2] = 100.0
+        again = pooled(sample, t, **unet_condition_kwargs(pooled, padded, mask)).sample
+    assert not torch.allclose(with_pooled, without)
+    torch.testing.assert_close(again, with_pooled)
+
+
+def test_smoke_run_with_a_pooled_condition(workspace):
+    tmp, config = workspace
+    result = _run(config, "mri", tmp / "run-pooled", "--set", "ldm.unet.pooled_condition=true")
+    model = UNet2DConditionModel.from_pretrained(result["model"])
+    assert model.config.time_cond_proj_dim == 16 and model.config.num_class_embeds == 4
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_loss_weights_each_sample_by_its_capped_snr(prediction_type):
+    scheduler = make_noise_scheduler(prediction_type)
+    timesteps = torch.tensor([0, 300, 999])
+    prediction, target = torch.zeros(3, 2, 2, 2), torch.ones(3, 2, 2, 2) * torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1, 1)
+    alpha = scheduler.alphas_cumprod[timesteps]
+    snr = alpha / (1 - alpha)
+    weights = torch.clamp(snr, max=5.0) / (snr + 1 if prediction_type == "v_prediction" else snr)
+    expected = (weights * torch.tensor([1.0, 4.0, 9.0])).mean()
+    torch.testing.assert_close(diffusion_loss(prediction, target, scheduler, timesteps, snr_gamma=5.0), expected)
+    # Without gamma, the plain mean; the weight is below 1 only where the SNR exceeds gamma (t = 0 here).
+    assert diffusion_loss(prediction, target, scheduler, timesteps) == pytest.approx((1 + 4 + 9) / 3)
+    assert weights[0] < weights[1] and snr[0] > 5.0
+    with pytest.raises(ValueError, match="snr_gamma"):
+        diffusion_loss(prediction, target, scheduler, timesteps, snr_gamma=-1.0)

@@ -60,6 +60,18 @@ def test_rounds_train_and_save_a_loadable_model(workspace):
     assert out.images["xray"].shape == (1, 32, 32) and pipe.scheduler.config.prediction_type == "epsilon"
 
 
+def test_min_snr_rounds_train_and_validate_with_the_plain_loss(workspace):
+    """snr_gamma weights the training loss of both kinds of round; each round's validation (plain MSE at fixed
+    timesteps, whose scheduler stand-in has no noise table to weight by) still runs and is written."""
+    tmp, config = workspace
+    result = _run(config, tmp / "run-snr", "--set", "multiflow.snr_gamma=5", "--set", "multiflow.model_name=multiflow_snr",
+                  "--set", "multiflow.pipeline_name=pipeline_snr")
+    assert all(np.isfinite(r["loss"]) for r in result["history"])
+    validation = json.loads((tmp / "run-snr" / "validation.json").read_text())
+    assert set(validation) == {"text_xray", "ct_mri", "mri_to_ct", "mri_synthesis"}
+    assert all(np.isfinite(entry["loss"]["with"]["mean"]) for entry in validation.values())
+
+
 def test_each_round_trains_only_its_parts(workspace):
     tmp, config = workspace
     cfg = yaml.safe_load(config.read_text())["multiflow"]

@@ -8,8 +8,9 @@
   image tokens of one imaging modality of the same patient (any that is present), so image -> report works
   from every imaging family.
 
-Loss: epsilon-prediction MSE under the paper's schedule (1000 steps, linear betas 0.00085-0.012), with 10 %
-condition dropout to the null condition for classifier-free guidance. EMA weights are what gets saved.
+Loss: the MSE of the prediction (``prediction_type``: the paper's epsilon, or v) under the paper's schedule
+(1000 steps, linear betas 0.00085-0.012), per sample weighted by Min-SNR-gamma when ``snr_gamma`` is set, with
+10 % condition dropout to the null condition for classifier-free guidance. EMA weights are what gets saved.
 
 With ``cache_latents: true`` (the default) the frozen encoders run once over the training split before the
 first step: the VAE's posterior mean and std are cached, so a cached step draws exactly the latent an
@@ -34,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
@@ -52,12 +52,14 @@ from medm2g_diffusers.models.text_vae import MedM2GTextVAE
 from medm2g_diffusers.single_flow import (
     Condition,
     build_image_unet,
+    diffusion_loss,
     encode_image_condition,
     encode_text_condition,
     make_noise_scheduler,
     make_sampling_scheduler,
     sample_latents,
     training_target,
+    unet_condition_kwargs,
 )
 from medm2g_diffusers.training_utils import (
     StepBatchSampler,
@@ -248,7 +250,7 @@ def build_unet(family: str, cfg: dict[str, Any], components: dict[str, Any], sam
 
 
 def unet_kwargs(unet, encoded: Encoded) -> dict[str, Any]:
-    kwargs = {"encoder_hidden_states": encoded.condition.tokens, "encoder_attention_mask": encoded.condition.mask}
+    kwargs = unet_condition_kwargs(unet, encoded.condition.tokens, encoded.condition.mask)
     if getattr(getattr(unet, "module", unet).config, "num_class_embeds", None):  # unet may be DDP-wrapped
         kwargs["class_labels"] = encoded.class_labels
     return kwargs
@@ -258,7 +260,8 @@ def unet_kwargs(unet, encoded: Encoded) -> dict[str, Any]:
 
 
 def training_loss(unet, encoded: Encoded, noise_scheduler, cfg: dict[str, Any], generator: torch.Generator, device) -> torch.Tensor:
-    """Epsilon-prediction MSE of one batch, with condition dropout; all randomness from ``generator``."""
+    """The diffusion loss of one batch (:func:`~medm2g_diffusers.single_flow.diffusion_loss`), with condition
+    dropout; all randomness from ``generator``."""
     n = encoded.latent_mean.shape[0]
     latent_noise = torch.randn(encoded.latent_mean.shape, generator=generator).to(device)
     latents = encoded.latent_mean + encoded.latent_std * latent_noise
@@ -268,7 +271,8 @@ def training_loss(unet, encoded: Encoded, noise_scheduler, cfg: dict[str, Any], 
     noise = torch.randn(latents.shape, generator=generator).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     prediction = unet(noisy, timesteps, **unet_kwargs(unet, encoded)).sample
-    return F.mse_loss(prediction.float(), training_target(noise_scheduler, latents, noise, timesteps).float())
+    target = training_target(noise_scheduler, latents, noise, timesteps)
+    return diffusion_loss(prediction, target, noise_scheduler, timesteps, cfg.get("snr_gamma"))
 
 
 @torch.no_grad()

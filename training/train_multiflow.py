@@ -41,7 +41,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -64,7 +63,7 @@ from medm2g_diffusers.models.prompt_encoders import MedM2GPromptEncoders
 from medm2g_diffusers.models.text_unet import MedM2GTextUNet
 from medm2g_diffusers.models.text_vae import MedM2GTextVAE
 from medm2g_diffusers.pipelines import MedM2GPipeline
-from medm2g_diffusers.single_flow import Condition, make_noise_scheduler, make_sampling_scheduler, training_target
+from medm2g_diffusers.single_flow import Condition, diffusion_loss, make_noise_scheduler, make_sampling_scheduler, training_target
 from medm2g_diffusers.training_utils import (
     StepBatchSampler,
     atomic_save_pretrained,
@@ -184,7 +183,7 @@ def joint_step(model, data, rows, round_, cfg, noise_scheduler, generator, devic
             conditions[key] = report_condition(data, rows, keep)
         conditions[key] = Condition(conditions[key].tokens.to(device), conditions[key].mask.to(device))
     predictions = model(latents, timesteps, conditions, cross_guidance_scale=cross_guidance_scale)
-    losses = {key: F.mse_loss(predictions[key].float(), targets[key].float()) for key in latents}
+    losses = {key: diffusion_loss(predictions[key], targets[key], noise_scheduler, timesteps[key], cfg.get("snr_gamma")) for key in latents}
     return sum(losses.values()), {key: value.item() for key, value in losses.items()}
 
 
@@ -223,13 +222,13 @@ def translation_step(model, data, rows, round_, cfg, noise_scheduler, generator,
         {key: noisy}, {key: t.to(device)}, {key: Condition(condition.tokens.to(device), condition.mask.to(device))},
         sources={key: stream_sources}, source_keep={key: source_keep},
     )[key]
-    loss = F.mse_loss(prediction.float(), target.float())
+    loss = diffusion_loss(prediction, target, noise_scheduler, t.to(device), cfg.get("snr_gamma"))
     return loss, {key: loss.item()}
 
 
 @torch.no_grad()
 def validation_losses(model, data: EncodedSplit, round_, cfg, noise_scheduler, seed: int, device) -> dict[str, Any]:
-    """Denoising loss on validation rows at fixed timesteps, with the partner / sources and without them.
+    """Denoising loss (plain MSE) on validation rows at fixed timesteps, with the partner / sources and without them.
 
     Joint rounds compare ``cross_guidance_scale`` 1 vs 0 (the coupling); translation rounds compare with vs.
     without sources. A lower "with" loss says the stream learned to use what it is given."""
@@ -243,7 +242,10 @@ def validation_losses(model, data: EncodedSplit, round_, cfg, noise_scheduler, s
         total = []
         for t in VALIDATION_TIMESTEPS:
             generator = torch.Generator().manual_seed(seed + t)
-            fixed = {**cfg, "joint_condition_dropout": 1.0, "condition_dropout": 0.0, "source_dropout": 0.0, "translation_text_dropout": 1.0}
+            # Plain MSE at each fixed timestep: a loss weight per timestep (snr_gamma) would only rescale each term,
+            # and unweighted losses stay comparable between runs trained with and without it.
+            fixed = {**cfg, "joint_condition_dropout": 1.0, "condition_dropout": 0.0, "source_dropout": 0.0, "translation_text_dropout": 1.0,
+                     "snr_gamma": None}
             scheduler = _FixedTimesteps(noise_scheduler, t)
             if round_["kind"] == "joint":
                 loss, _ = joint_step(model, data, rows, round_, fixed, scheduler, generator, device, 1.0 if setting else 0.0)

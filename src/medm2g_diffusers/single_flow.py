@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers.training_utils import compute_snr
 from diffusers.utils.torch_utils import randn_tensor
 
 NOISE_SCHEDULE = {
@@ -62,6 +64,31 @@ def training_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor,
     if noise_scheduler.config.prediction_type == "v_prediction":
         return noise_scheduler.get_velocity(latents, noise, timesteps)
     return noise
+
+
+def diffusion_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    noise_scheduler,
+    timesteps: torch.Tensor,
+    snr_gamma: float | None = None,
+) -> torch.Tensor:
+    """Mean squared error of the denoiser's prediction; with ``snr_gamma``, each sample weighted by Min-SNR-gamma
+    (Hang et al., 2023), which caps the weight of the easy low-noise timesteps.
+
+    The weight is ``min(SNR, gamma) / SNR`` for epsilon and ``min(SNR, gamma) / (SNR + 1)`` for v, so that it
+    is ``min(SNR, gamma)`` on the clean-latent error either way, as diffusers' example training scripts weight it.
+    ``timesteps`` is the ``(batch,)`` timesteps the noise was added at.
+    """
+    if not snr_gamma:
+        return F.mse_loss(prediction.float(), target.float())
+    if snr_gamma < 0:
+        raise ValueError(f"snr_gamma must be positive (or None/0 for a plain mean); got {snr_gamma}")
+    snr = compute_snr(noise_scheduler, timesteps).float()
+    clipped = torch.clamp(snr, max=float(snr_gamma))
+    weights = clipped / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else clipped / snr
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
+    return (weights.to(per_sample.device) * per_sample).mean()
 
 
 @dataclass
@@ -127,6 +154,29 @@ def encode_image_condition(prompt_encoders, modality_key: str, images: torch.Ten
     return Condition(output.tokens, torch.ones(output.tokens.shape[:2], dtype=torch.long, device=output.tokens.device))
 
 
+def pooled_condition(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The masked mean ``(batch, dim)`` of condition tokens ``(batch, num_tokens, dim)``: zero for the null
+    condition, so classifier-free guidance contrasts it exactly as it contrasts the tokens."""
+    if mask is None:
+        return tokens.mean(1)
+    weights = mask.unsqueeze(-1).to(tokens.dtype)
+    return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def unet_condition_kwargs(unet, tokens: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+    """The condition keyword arguments of a denoiser call: the tokens it cross-attends to and, for a denoiser
+    built with a pooled condition (``time_cond_proj_dim``), their masked mean as ``timestep_cond``.
+
+    Every call site goes through this function: diffusers skips ``timestep_cond`` silently when it is missing,
+    which would leave a pooled-condition denoiser without half of its condition.
+    """
+    kwargs = {"encoder_hidden_states": tokens, "encoder_attention_mask": mask}
+    config = getattr(unet, "module", unet).config  # unet may be DDP-wrapped
+    if getattr(config, "time_cond_proj_dim", None):
+        kwargs["timestep_cond"] = pooled_condition(tokens, mask)
+    return kwargs
+
+
 def build_image_unet(
     sample_size: int,
     latent_channels: int,
@@ -136,12 +186,16 @@ def build_image_unet(
     attention_head_dim: int = 32,
     num_class_embeds: int | None = None,
     norm_num_groups: int = 32,
+    pooled_condition: bool = False,
 ) -> UNet2DConditionModel:
     """A ``UNet2DConditionModel`` for one imaging family.
 
     Cross-attention only below the top resolution: attention over every latent pixel is the CPU's most
     expensive layer and, at 16x16, buys little. ``num_class_embeds`` is the MRI contrast embedding (the
-    class label is the registry's ``contrast_index``).
+    class label is the registry's ``contrast_index``). ``pooled_condition`` also adds the condition tokens'
+    masked mean to the timestep embedding (diffusers' ``time_cond_proj_dim``, read by
+    :func:`unet_condition_kwargs`), so every ResNet block, the attention-free 16x16 ones included, sees the
+    report's global content (docs/decisions.md).
     """
     levels = len(block_out_channels)
     down = ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (levels - 1)
@@ -158,6 +212,7 @@ def build_image_unet(
         attention_head_dim=attention_head_dim,
         norm_num_groups=min(norm_num_groups, min(block_out_channels)),
         num_class_embeds=num_class_embeds,
+        time_cond_proj_dim=cross_attention_dim if pooled_condition else None,
     )
 
 
@@ -187,7 +242,7 @@ def sample_latents(
     extra = {} if labels is None else {"class_labels": labels}
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        noise = unet(model_input, t, encoder_hidden_states=both.tokens, encoder_attention_mask=both.mask, **extra).sample
+        noise = unet(model_input, t, **unet_condition_kwargs(unet, both.tokens, both.mask), **extra).sample
         uncond, cond = noise.chunk(2)
         noise = uncond + guidance_scale * (cond - uncond)
         latents = scheduler.step(noise, t, latents).prev_sample

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..single_flow import Condition, make_noise_scheduler, sample_latents
+from ..single_flow import Condition, make_noise_scheduler, sample_latents, unet_condition_kwargs
 
 TIMESTEPS = (50, 300, 700, 999)
 
@@ -56,7 +56,7 @@ def denoiser_diagnostics(
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
         timesteps = torch.full((len(latents),), t, device=latents.device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        prediction = unet(noisy, timesteps, encoder_hidden_states=condition.tokens, encoder_attention_mask=condition.mask, **extra).sample
+        prediction = unet(noisy, timesteps, **unet_condition_kwargs(unet, condition.tokens, condition.mask), **extra).sample
         clean = predicted_clean_latent(prediction, noisy, timesteps, noise_scheduler)
         result[f"x0_mse_t{t}"] = torch.mean((clean - latents) ** 2).item()
     sampled = sample_latents(

@@ -47,7 +47,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..modalities import family_keys, get_modality, modalities_of_family
-from ..single_flow import Condition
+from ..single_flow import Condition, unet_condition_kwargs
 from .attention_processor import CrossGuidedAttnProcessor2_0, GuidanceAwareAttnProcessor2_0
 from .context_encoder import ContextEncoder
 from .text_unet import MedM2GTextUNet
@@ -725,8 +725,7 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
             predictions[key] = unet(
                 model_input,
                 timesteps[key],
-                encoder_hidden_states=tokens,
-                encoder_attention_mask=mask,
+                **unet_condition_kwargs(unet, tokens, mask),
                 cross_attention_kwargs=cross_attention_kwargs,
                 **extra,
             ).sample
