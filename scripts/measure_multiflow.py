@@ -33,6 +33,8 @@ from medm2g_diffusers.data.datasets import load_medm2g_dataset
 from medm2g_diffusers.data.io import write_png
 from medm2g_diffusers.data.preview import display_range, montage
 from medm2g_diffusers.evaluation.benchmark import TRANSLATIONS
+from medm2g_diffusers.evaluation.benchmark_tables import write_page_keeping_notes
+from medm2g_diffusers.training_utils import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 JOINT_CASES = [("chest", "pleural_effusion", "left"), ("chest", "pleural_effusion", "right"), ("chest", "cardiomegaly", None),
@@ -181,16 +183,17 @@ def main():
     results["rounds"] = json.loads(validation.read_text()) if validation.is_file() else {}
     results["seconds"] = time.perf_counter() - started
     results["machine"] = f"{platform.machine()}, {torch.get_num_threads()} threads"
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    out.write_text(render(results, args, montage_path.name))
+    atomic_write_text(out.with_suffix(".json"), json.dumps(results, indent=2))
+    write_page_keeping_notes(out, render(results, args, montage_path.name).splitlines())
     print(out.read_text())
 
 
 def render(results: dict, args, montage_name: str) -> str:
     lines = [
         "# Multi-flow model and pipeline on the phantom test split", "",
-        f"Made by `python scripts/measure_multiflow.py --model {args.model} --dataset {args.dataset}"
-        f"{''.join(' --compare ' + c for c in args.compare)}` "
+        f"Made by `python scripts/measure_multiflow.py --model {args.model} --dataset {args.dataset} --training_dir {args.training_dir}"
+        f"{''.join(' --compare ' + c for c in args.compare)}"
+        f"{' --compare_tasks ' + ' '.join(repr(t) for t in args.compare_tasks) if args.compare else ''}` "
         f"({results['machine']}; {results['seconds']:.0f} s). Raw numbers: `{Path(args.out).with_suffix('.json').name}`.", "",
         *([args.note, ""] if args.note else []),
         "## Joint text -> {X-ray, CT, MRI}", "",
@@ -209,8 +212,8 @@ def render(results: dict, args, montage_name: str) -> str:
         lines.append(f"| {name} | {r['n']} | {r['model']['psnr']:.2f} | {r['model']['ssim']:.3f} | "
                      f"{r['copy_source']['psnr']:.2f} | {r['copy_source']['ssim']:.3f} | {r['seconds']:.1f} |")
     if results["compare"]:
-        lines += ["", "### Image conditioning: source slots vs. the cross-guided route alone", "",
-                  f"`{args.model}` (source slots, concatenated) beside the pipelines below, on the same tasks, patients and seed.", "",
+        lines += ["", "### Beside other pipelines", "",
+                  f"`{args.model}` beside the pipelines below (`--compare`), on the same tasks, patients and seed.", "",
                   "| model | task | PSNR | SSIM |", "| --- | --- | --- | --- |"]
         for name in args.compare_tasks:
             if name in results["translation"]:
