@@ -31,7 +31,9 @@ def main() -> None:
     parser.add_argument("--pipeline", required=True, help="a folder written by training/train_multiflow.py")
     parser.add_argument("--out", default="checkpoints/medm2g-tiny")
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16")
-    parser.add_argument("--record", default=None, help="a JSON file with the recipe's stage times to include")
+    parser.add_argument("--record", default=None,
+                        help='a JSON file with the stage wall times to include: {"recipe": {stage: seconds}, "notes": [how each '
+                             'stage was trained, when not by one run of tiny.sh]}')
     args = parser.parse_args()
 
     pipe = MedM2GPipeline.from_pretrained(args.pipeline)
@@ -41,7 +43,11 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
     record = {"source": str(args.pipeline), "stored_dtype": args.dtype, "exported_at_commit": commit}
     if args.record:
-        record["recipe"] = json.loads(Path(args.record).read_text())
+        extra = json.loads(Path(args.record).read_text())
+        unknown = set(extra) - {"recipe", "notes"}
+        if unknown:
+            raise SystemExit(f"--record {args.record}: unknown keys {sorted(unknown)}; expected 'recipe' and 'notes'")
+        record.update(extra)
     atomic_write_text(out / "training_record.json", json.dumps(record, indent=2) + "\n")
     size = folder_megabytes(out)
     print(f"wrote {out}: {size:.1f} MB ({args.dtype})")

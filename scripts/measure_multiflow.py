@@ -56,7 +56,11 @@ def parse_args():
                         help="another pipeline (e.g. the attention-only image conditioning) scored on --compare_tasks beside --model")
     parser.add_argument("--compare_tasks", nargs="+", default=["MRI (T1) -> CT", "MRI (T1+T2+FLAIR) -> CT"])
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "multiflow.md"))
-    return parser.parse_args()
+    args = parser.parse_args()
+    unknown = sorted(set(args.compare_tasks) - {name for name, _, _ in TRANSLATIONS})
+    if unknown:
+        parser.error(f"--compare_tasks: unknown {unknown}; expected names from {[name for name, _, _ in TRANSLATIONS]}")
+    return args
 
 
 def pick_cases(split) -> list[int]:

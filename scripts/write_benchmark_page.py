@@ -15,7 +15,6 @@ from pathlib import Path
 from medm2g_diffusers.evaluation.benchmark_tables import evaluate_command, markdown_tables, write_page_keeping_notes
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--main", required=True, help="benchmark.json of the full run on medm2g-tiny")

@@ -67,6 +67,10 @@ def test_model_card_is_filled_from_the_results(evaluated):
     metrics = header["model-index"][0]["results"][0]["metrics"]
     assert metrics[0]["value"] == pytest.approx(results["report_generation"]["tiny"]["bleu_1"], abs=1e-4)
     assert "Not for clinical use" in card and "fabricated" in card.lower() and "stage 0 10 min" in card
+    noted = model_card_markdown("tiny", results, {"recipe": {"stage 0": 600}, "notes": ["stage 0 carried over from v1"]})
+    assert "- stage 0 carried over from v1" in noted and "- stage 0 carried over from v1" not in card
+    with pytest.raises(ValueError, match="wall time in seconds"):
+        model_card_markdown("tiny", results, {"recipe": {"stage 0": "ten minutes"}})
     with pytest.raises(ValueError, match="no 'joint'"):
         model_card_markdown("tiny", {k: v for k, v in results.items() if k != "joint"})
 

@@ -128,7 +128,8 @@ def model_card_markdown(name: str, results: dict[str, Any], training_record: dic
     Args:
         name: the checkpoint's name (``medm2g-tiny``).
         results: what :func:`~medm2g_diffusers.evaluation.benchmark.run_benchmark` returned (or its JSON).
-        training_record: the checkpoint's ``training_record.json`` (source folder, stored dtype, recipe times).
+        training_record: the checkpoint's ``training_record.json`` (source folder, stored dtype, ``recipe``: stage ->
+            wall seconds, ``notes``: how the stages were run when not by one run of the recipe).
     """
     for key in ("model", "report_generation", "text_to_image", "image_to_image", "joint", "augmentation"):  # every task
         if key not in results:
@@ -143,15 +144,20 @@ def model_card_markdown(name: str, results: dict[str, Any], training_record: dic
     )
     recipe = record.get("recipe")
     procedure = [
-        "`training/recipes/tiny.sh` with `training/configs/tiny.yaml`, every stage in order on a 2-core CPU:",
+        "The recipe is `training/recipes/tiny.sh` with `training/configs/tiny.yaml`, every stage in order on a 2-core CPU:",
         "stage 0 (tokenizer, image AutoencoderKL, Optimus-style text VAE), stage 1 (prompt encoders, central "
         "alignment with text as the hub + visual invariant), stage 2 (single-flow LDMs, v-prediction), stage 3 "
         "(cross-guided multi-flow rounds text-xray, text-ct, ct-mri and the image -> image source slots).",
         f"Weights are stored as {record.get('stored_dtype', 'float16')} safetensors and load as float32.",
     ]
     if recipe:
+        bad = {k: v for k, v in recipe.items() if not isinstance(v, (int, float))}
+        if bad:
+            raise ValueError(f"training_record['recipe'] maps each stage to its wall time in seconds; got {bad}")
         procedure.append("Wall time per stage: " + ", ".join(f"{k} {v / 60:.0f} min" for k, v in recipe.items()) + ".")
-    else:
+    if record.get("notes"):
+        procedure += ["", "How this checkpoint was trained:", "", *(f"- {note}" for note in record["notes"])]
+    if not recipe:
         procedure.append("The stages were run one by one; their wall times are in `docs/results/stages.md` and "
                          "`docs/results/multiflow.md` (together well over 90 minutes on this machine).")
     return MODEL_CARD_TEMPLATE.format(

@@ -4,11 +4,11 @@
 # interruption continues from the latest checkpoints.
 #   bash training/recipes/tiny.sh            # outputs in runs/tiny (see training/configs/tiny.yaml)
 #
-# Stages that do not read each other's outputs run side by side in two lanes of one torch thread each (two
-# one-thread jobs outpace one two-thread job on these small models; docs/decisions.md):
-#   stage 0-1:  image VAE                 | text VAE, then alignment (it needs only the tokenizer)
-#   stage 2:    X-ray LDM, then CT LDM    | MRI LDM, then text LDM
-#   stage 3:    the multi-flow rounds, alone, on every core
+# Stages 0-2 run in two lanes of one torch thread each (two one-thread jobs outpace one two-thread job on these
+# small models; docs/decisions.md). A lane waits only where it needs the other lane's output:
+#   lane 1:  image VAE -> [alignment done?] X-ray LDM -> CT LDM
+#   lane 2:  alignment -> text VAE -> text LDM -> [image VAE done?] MRI LDM
+#   then stage 3, the multi-flow rounds, alone on every core.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CONFIG=${CONFIG:-training/configs/tiny.yaml}
@@ -21,12 +21,22 @@ DATA=$($PY -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1]))['data'][
 mkdir -p "$ROOT"
 LOG="$ROOT/recipe_times.log"
 
-timed() { local start=$SECONDS; "$@"; echo "[tiny.sh] $* took $((SECONDS - start)) s" | tee -a "$LOG"; }
+timed() { local start=$SECONDS; "$@" || return; echo "[tiny.sh] $* took $((SECONDS - start)) s" | tee -a "$LOG"; }
+# Lane hand-offs: a stage that finished leaves $ROOT/.tiny_sh/NAME; a lane that failed leaves .tiny_sh/failed, so
+# the other lane stops waiting instead of hanging.
+MARKS="$ROOT/.tiny_sh"
+done_() { touch "$MARKS/$1"; }
+await() {
+  until [ -e "$MARKS/$1" ]; do
+    [ -e "$MARKS/failed" ] && { echo "[tiny.sh] the other lane failed; not waiting for $1" >&2; return 1; }
+    sleep 5
+  done
+}
 # Runs two lanes (each a shell function) at once; fails if either fails.
 lanes() {
   local start=$SECONDS
-  "$1" & local a=$!
-  "$2" & local b=$!
+  { "$1" || { touch "$MARKS/failed"; false; }; } & local a=$!
+  { "$2" || { touch "$MARKS/failed"; false; }; } & local b=$!
   local status=0
   wait "$a" || status=$?
   wait "$b" || status=$?
@@ -36,18 +46,17 @@ lanes() {
 stage() { timed launch 1 training/"$@" --config "$CONFIG" --resume_from_checkpoint latest; }
 ldm() { stage train_ldm.py --family "$1"; }
 
-stage01_images() { stage train_autoencoders.py --component vae; }
-stage01_text() { stage train_autoencoders.py --component text_vae && stage train_alignment.py; }
-stage2_a() { ldm xray && ldm ct; }
-stage2_b() { ldm mri && ldm text; }
+lane1() { stage train_autoencoders.py --component vae && done_ vae && await alignment && ldm xray && ldm ct; }
+lane2() { stage train_alignment.py && done_ alignment && stage train_autoencoders.py --component text_vae && ldm text \
+          && await vae && ldm mri; }
 
 recipe_start=$SECONDS
 # Data: 4,000 virtual patients at 64 px (deterministic; skipped when already written).
-[ -f "$DATA/dataset_dict.json" ] || timed .venv/bin/medm2g phantoms --n 4000 --seed 0 --size 64 --out "$DATA"
+[ -f "$DATA/dataset_dict.json" ] || timed "$PY" -m medm2g_diffusers.cli phantoms --n 4000 --seed 0 --size 64 --out "$DATA"
 # Stage 0: the tokenizer (seconds), which the text VAE and the alignment read.
 timed launch "$THREADS" training/train_autoencoders.py --config "$CONFIG" --component tokenizer
-lanes stage01_images stage01_text
-lanes stage2_a stage2_b
+rm -rf "$MARKS" && mkdir -p "$MARKS"
+lanes lane1 lane2
 # Stage 3: cross-guided multi-flow rounds and image -> image source slots; writes $ROOT/pipeline.
 timed launch "$THREADS" training/train_multiflow.py --config "$CONFIG" --resume_from_checkpoint latest
 echo "[tiny.sh] recipe took $((SECONDS - recipe_start)) s" | tee -a "$LOG"
