@@ -1,0 +1,72 @@
+"""Writes docs/results/tiny-recipe.md: one timed run of training/recipes/tiny.sh, and its model scored beside the
+bundled medm2g-tiny (is a rerun of the recipe within noise of the committed checkpoint?).
+
+    CONFIG=runs/recipe_check/tiny.yaml bash training/recipes/tiny.sh      # tiny.yaml with output_root changed
+    medm2g evaluate --model runs/recipe_check/pipeline --name rerun --baseline medm2g-tiny=checkpoints/medm2g-tiny \
+        --tasks report_generation text_to_image image_to_image --no-fid --out runs/recipe_check/evaluate
+    python scripts/write_recipe_page.py --times runs/recipe_check/recipe_times.log \
+        --results runs/recipe_check/evaluate/benchmark.json
+
+Everything above the notes marker is regenerated; the hand-written reading below it is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from medm2g_diffusers.evaluation.benchmark_tables import evaluate_command, markdown_tables, paired_table, write_page_keeping_notes
+
+_TOOK = re.compile(r"^\[tiny\.sh\] (?P<what>.+) took (?P<seconds>\d+) s$")
+
+
+def recipe_times(log: str) -> list[tuple[str, int]]:
+    """``(step, seconds)`` for every ``[tiny.sh] ... took N s`` line of a ``recipe_times.log``, in order."""
+    times = []
+    for line in log.splitlines():
+        match = _TOOK.match(line.strip())
+        if match:
+            what = match["what"]
+            what = re.sub(r"^launch \d+ training/", "", what)  # the launcher prefix says nothing about the step
+            what = re.sub(r" --config \S+| --resume_from_checkpoint latest", "", what)
+            times.append((what, int(match["seconds"])))
+    if not any(what == "recipe" for what, _ in times):
+        raise ValueError("the log has no '[tiny.sh] recipe took N s' line: the recipe did not finish")
+    return times
+
+
+def page_lines(times: list[tuple[str, int]], results: dict, times_path: str, results_path: str) -> list[str]:
+    total = dict(times)["recipe"]
+    lines = [
+        "# training/recipes/tiny.sh end to end, and how close a rerun comes to the bundled checkpoint", "",
+        f"Made by `scripts/write_recipe_page.py --times {times_path} --results {results_path}` from the runs its "
+        "docstring lists.", "",
+        f"## Wall time: {total / 60:.1f} min", "",
+        "| step | seconds |", "| --- | --- |",
+        *(f"| {what.replace('|', chr(92) + '|')} | {seconds} |" for what, seconds in times), "",  # a lanes line has a pipe
+        "Steps inside `lanes lane1 | lane2` ran at the same time, one torch thread each; the lanes line is their wall "
+        "time together. The phantom data step is absent when the data already existed.", "",
+        "## The rerun's model beside the bundled one", "",
+        f"```bash\n{evaluate_command(results)}\n```", "",
+        markdown_tables(results), "",
+        *paired_table(results, model=results["model"]),
+    ]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--times", required=True, help="recipe_times.log of a tiny.sh run")
+    parser.add_argument("--results", required=True, help="benchmark.json of medm2g evaluate on its pipeline (with the bundled model as a baseline)")
+    parser.add_argument("--out", default="docs/results/tiny-recipe.md")
+    args = parser.parse_args()
+    times = recipe_times(Path(args.times).read_text())
+    results = json.loads(Path(args.results).read_text())
+    write_page_keeping_notes(Path(args.out), page_lines(times, results, args.times, args.results))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

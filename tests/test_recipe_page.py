@@ -1,0 +1,36 @@
+"""scripts/write_recipe_page.py: reading tiny.sh's recipe_times.log."""
+
+from __future__ import annotations
+
+import pytest
+
+from training_scripts import load_script
+
+LOG = """[tiny.sh] launch 2 training/train_autoencoders.py --config runs/x/tiny.yaml --component tokenizer took 12 s
+[tiny.sh] launch 1 training/train_ldm.py --family xray --config runs/x/tiny.yaml --resume_from_checkpoint latest took 779 s
+[tiny.sh] lanes lane1 | lane2 took 3477 s
+[tiny.sh] recipe took 4700 s
+"""
+
+
+@pytest.fixture(scope="module")
+def page():
+    return load_script("scripts/write_recipe_page.py")
+
+
+def test_times_are_read_in_order_without_the_launcher_noise(page):
+    assert page.recipe_times(LOG) == [("train_autoencoders.py --component tokenizer", 12), ("train_ldm.py --family xray", 779),
+                                      ("lanes lane1 | lane2", 3477), ("recipe", 4700)]
+
+
+def test_an_unfinished_recipe_is_refused(page):
+    with pytest.raises(ValueError, match="did not finish"):
+        page.recipe_times(LOG.replace("[tiny.sh] recipe took 4700 s\n", ""))
+
+
+def test_the_lanes_line_does_not_break_the_table(page, monkeypatch):
+    results = {"model": "rerun", "baselines": [], "image_to_image": {}}
+    monkeypatch.setattr(page, "markdown_tables", lambda results: "(tables)")  # the benchmark tables have their own tests
+    monkeypatch.setattr(page, "evaluate_command", lambda results: "medm2g evaluate ...")
+    lines = page.page_lines(page.recipe_times(LOG), results, "times.log", "results.json")
+    assert "| lanes lane1 \\| lane2 | 3477 |" in lines and "## Wall time: 78.3 min" in lines
