@@ -1,4 +1,4 @@
-"""The paired-difference helpers of the results pages, against hand-computed values."""
+"""The helpers of the results pages (paired differences, the joint table), against hand-computed values."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from medm2g_diffusers.evaluation.benchmark_tables import paired_difference, paired_reading, paired_table
+from medm2g_diffusers.evaluation.benchmark_tables import joint_table, paired_difference, paired_reading, paired_table
 
 
 def test_paired_difference_hand_checked():
@@ -43,3 +43,12 @@ def test_paired_table_against_only_the_named_models():
     lines = paired_table(results, against=["c"])
     assert len(lines) == 6 and lines[4].startswith("| c | +0.00 ± 1.00 |")
     assert paired_table(results, against=["absent"]) == []  # nothing to pair with: no table at all
+
+
+def test_joint_table_shows_how_many_patients_have_a_shared_finding_beside_the_agreement():
+    results = {"model": "m", "baselines": ["b"], "joint": {"head": {"n": 4, "real": {"ct+mri_t2": 0.75}, "pairs": {
+        "ct+mri_t2": {"types": ["tumour"], "with_findings": 0.25}},
+        "m/joint": {"agreement": {"ct+mri_t2": 0.5}}, "m/uncoupled": {"agreement": {"ct+mri_t2": 0.25}}}}}
+    lines = joint_table(results)
+    assert "| anatomy | pair | types both classifiers see | patients with one of them | real images (ceiling) | m joint | m uncoupled | b joint | b uncoupled |" in lines
+    assert "| head (n=4) | ct+mri_t2 | tumour | 0.250 | 0.750 | 0.500 | 0.250 | – | – |" in lines

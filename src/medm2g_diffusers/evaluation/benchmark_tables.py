@@ -132,9 +132,9 @@ def paired_table(results: dict, model: str | None = None, label: str | None = No
 
 def joint_table(results: dict) -> list[str]:
     lines = ["### Joint generation (one report -> several modalities in one loop): finding agreement between modalities", "",
-             "| anatomy | pair | types both classifiers see | real images (ceiling) | " + " | ".join(
+             "| anatomy | pair | types both classifiers see | patients with one of them | real images (ceiling) | " + " | ".join(
                  f"{n} joint | {n} uncoupled" for n in [results["model"], *results["baselines"]]) + " |",
-             "| --- | --- | --- | --- | " + " | ".join("--- | ---" for _ in [results["model"], *results["baselines"]]) + " |"]
+             "| --- | --- | --- | --- | --- | " + " | ".join("--- | ---" for _ in [results["model"], *results["baselines"]]) + " |"]
     for anatomy, entry in results["joint"].items():
         for pair, info in entry["pairs"].items():
             cells = []
@@ -143,10 +143,11 @@ def joint_table(results: dict) -> list[str]:
                     value = entry.get(f"{name}/{label}", {}).get("agreement", {}).get(pair)
                     cells.append(_f(value))
             lines.append(f"| {anatomy} (n={entry['n']}) | {pair} | {', '.join(info['types']) or 'none'} | "
-                         f"{_f(entry['real'][pair])} | " + " | ".join(cells) + " |")
+                         f"{_f(info.get('with_findings'))} | {_f(entry['real'][pair])} | " + " | ".join(cells) + " |")
     lines += ["", "Agreement: the fraction of patients whose two generated images get the same findings from the "
               "per-modality classifiers, over the finding types both classifiers detect on real test images "
-              "(F1 >= 0.5). Uncoupled: the same targets and seeds with `cross_guidance_scale=0`.", ""]
+              "(F1 >= 0.5). Two images that both show none of them agree, so read agreement beside the share of "
+              "patients whose report has one of them. Uncoupled: the same targets and seeds with `cross_guidance_scale=0`.", ""]
     return lines
 
 
