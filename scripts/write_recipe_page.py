@@ -39,13 +39,14 @@ def recipe_times(log: str) -> list[tuple[str, int]]:
 
 def page_lines(times: list[tuple[str, int]], results: dict, times_path: str, results_path: str) -> list[str]:
     total = dict(times)["recipe"]
-    lines = [
+    rows = [(what.replace("|", r"\|"), seconds) for what, seconds in times]  # a lanes line has a pipe
+    return [
         "# training/recipes/tiny.sh end to end, and how close a rerun comes to the bundled checkpoint", "",
         f"Made by `scripts/write_recipe_page.py --times {times_path} --results {results_path}` from the runs its "
         "docstring lists.", "",
         f"## Wall time: {total / 60:.1f} min", "",
         "| step | seconds |", "| --- | --- |",
-        *(f"| {what.replace('|', chr(92) + '|')} | {seconds} |" for what, seconds in times), "",  # a lanes line has a pipe
+        *(f"| {what} | {seconds} |" for what, seconds in rows), "",
         "Steps inside `lanes lane1 | lane2` ran at the same time, one torch thread each; the lanes line is their wall "
         "time together. The phantom data step is absent when the data already existed.", "",
         "## The rerun's model beside the bundled one", "",
@@ -53,7 +54,6 @@ def page_lines(times: list[tuple[str, int]], results: dict, times_path: str, res
         markdown_tables(results), "",
         *paired_table(results, model=results["model"]),
     ]
-    return lines
 
 
 def main() -> None:

@@ -183,8 +183,6 @@ def normalised_reference(tokenizer: PreTrainedTokenizerFast, report: str) -> str
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-
-
 @torch.no_grad()
 def log_validation(
     component: str,
