@@ -318,3 +318,15 @@ def test_cli_loads_an_adapter_folder_onto_its_base(workspace, tmp_path, capsys):
                  "--targets", "ct", "--steps", "2", "--out", str(tmp_path / "out")])
     assert code == 0
     assert read_provenance(tmp_path / "out" / "ct_0.png")["lora_adapters"][0]["name"] == "cli"
+
+
+def test_finetune_snr_gamma_weights_the_loss_and_is_recorded(workspace):
+    def first_step(gamma):
+        result = finetune(workspace, "--task", "mri_to_ct", "--output_dir", str(workspace / f"snr_{gamma}"), "--max_train_steps", "1",
+                          "--set", f"finetune.snr_gamma={gamma}", "--set", "finetune.validation_steps=100")
+        return result["history"][0]["loss"], result["budget"]["snr_gamma"]
+
+    (plain, recorded_plain), (weighted, recorded) = first_step("null"), first_step("5.0")
+    assert recorded_plain is None and recorded == 5.0
+    # Same seed, same batch and noise: only the per-sample Min-SNR weights differ.
+    assert np.isfinite(weighted) and weighted != pytest.approx(plain, rel=1e-4)

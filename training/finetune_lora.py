@@ -44,7 +44,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from datasets import Dataset
@@ -65,7 +64,7 @@ from medm2g_diffusers.loaders import lora_target_modules
 from medm2g_diffusers.modalities import get_modality
 from medm2g_diffusers.models.multiflow import MedM2GMultiFlowModel
 from medm2g_diffusers.pipelines import MedM2GPipeline
-from medm2g_diffusers.single_flow import Condition, make_noise_scheduler, training_target
+from medm2g_diffusers.single_flow import Condition, diffusion_loss, make_noise_scheduler, training_target
 from medm2g_diffusers.training_utils import (
     StepBatchSampler,
     StepLog,
@@ -228,7 +227,7 @@ def stream_loss(model, data: EncodedSplit, rows: torch.Tensor, stream: dict[str,
         {key: noisy}, {key: t.to(device)}, {key: Condition(condition.tokens.to(device), condition.mask.to(device))},
         sources={key: sources} if sources else None,
     )[key]
-    return F.mse_loss(prediction.float(), target.float())
+    return diffusion_loss(prediction, target, noise_scheduler, t.to(device), cfg.get("snr_gamma"))
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -422,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "steps": steps, "train_batch_size": batch_size, "streams": [s["key"] for s in streams],
         "samples_seen": steps * batch_size * len(streams), "training_rows": {k: int(len(r)) for k, r in rows.items()},
         "augment_copies": int(cfg["augment"]["copies"]), "trainable_parameters": int(sum(p.numel() for p in parameters)),
-        "learning_rate": learning_rate, "encode_seconds": encode_seconds,
+        "learning_rate": learning_rate, "snr_gamma": cfg.get("snr_gamma"), "encode_seconds": encode_seconds,
         "train_seconds": train_seconds if start_step == 0 else None,  # a resumed run's wall time is not the whole run's
         "resumed_from_step": start_step, "torch_threads": torch.get_num_threads(),
     }

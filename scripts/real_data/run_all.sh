@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every number of docs/results/real-data.md, from the shared real data sets: prepare them, train each task's
 # models on one budget (training/configs/lora.yaml, training/configs/regression.yaml), score them on the real
-# validation splits with `medm2g evaluate`, and write the page. Run from the repository root:
+# validation splits (and the Harvard test series) with `medm2g evaluate`, and write the page. Run from the repository root:
 #
 #     bash scripts/real_data/run_all.sh           # DATA=../shared/data OUT=runs/real JOBS=2
 #
@@ -49,15 +49,20 @@ for job in "${JOBLIST[@]}"; do
 done
 wait
 
-# NAME SET ARG...: score a task's models on the validation split of $OUT/SET, beside the unfine-tuned medm2g-tiny.
+# NAME SET ARG...: score a task's models on the validation split of $OUT/SET (SPLIT=test for its test split), beside the
+# unfine-tuned medm2g-tiny.
 evaluate() {
     local name=$1 data=$2
     shift 2
     echo "== evaluate $name"
-    .venv/bin/medm2g evaluate --data "$OUT/$data" --split validation --threads 2 --name lora \
+    .venv/bin/medm2g evaluate --data "$OUT/$data" --split "${SPLIT:-validation}" --threads 2 --name lora \
         --out "$OUT/evaluate/$name" "$@" > "$OUT/logs/evaluate_$name.log" 2>&1
 }
 evaluate harvard_mri_to_ct harvard_ct_mri --model "$OUT/harvard_mri_to_ct/lora" --tasks image_to_image \
+    --translations "mri_t2->ct" --baseline "unfine-tuned=medm2g-tiny" --baseline "plain_ldm=$OUT/harvard_mri_to_ct/scratch" \
+    --baseline "regression=$OUT/harvard_mri_to_ct/regression"
+# The Harvard test series: the LoRA defaults were chosen on the validation series, never on this one.
+SPLIT=test evaluate harvard_mri_to_ct_test harvard_ct_mri --model "$OUT/harvard_mri_to_ct/lora" --tasks image_to_image \
     --translations "mri_t2->ct" --baseline "unfine-tuned=medm2g-tiny" --baseline "plain_ldm=$OUT/harvard_mri_to_ct/scratch" \
     --baseline "regression=$OUT/harvard_mri_to_ct/regression"
 evaluate brats_t1_t2_to_flair brats --model "$OUT/brats_t1_t2_to_flair/lora" --tasks image_to_image \
