@@ -141,7 +141,7 @@ def main() -> None:
     torch.set_num_threads(2)
     lines = ["# Real data: LoRA fine-tuning against the unfine-tuned model and same-budget baselines", "",
              "Made by `scripts/real_data/write_results_page.py` from the runs of `bash scripts/real_data/run_all.sh` (prepare, "
-             "train every model, evaluate; about an hour on 2 cores). Real data never enters the repository: the datasets are "
+             "train every model, evaluate; about 2 h on 2 cores). Real data never enters the repository: the datasets are "
              "read from `../shared/data`, and the sample montages are written beside the runs (`runs/real/montages`), not here.", "",
              "Every model of a task trains the same steps x batch on the same training split: the LoRA adapter "
              "(`training/finetune_lora.py`, `training/configs/lora.yaml`) on the bundled medm2g-tiny, the plain conditional LDM "
