@@ -30,7 +30,7 @@ from diffusers import AutoencoderKL
 from medm2g_diffusers.evaluation.benchmark import BenchmarkConfig, classifier_types, load_splits, train_classifiers
 from medm2g_diffusers.evaluation.benchmark_tables import write_page_keeping_notes
 from medm2g_diffusers.evaluation.finding_classifier import classifier_metrics, finding_examples
-from medm2g_diffusers.evaluation.image_metrics import psnr_ssim
+from medm2g_diffusers.evaluation.image_metrics import psnr_ssim, vae_reconstruct
 from medm2g_diffusers.training_utils import atomic_write_text
 
 # The model range maps [-1000, 1000] HU to [-1, 1]: 1 HU is 1e-3.
@@ -69,12 +69,6 @@ def fine_tune(vae: AutoencoderKL, images: np.ndarray, steps: int, batch_size: in
         losses.append(loss.item())
     return vae.eval(), losses
 
-
-@torch.no_grad()
-def reconstruct(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    x = torch.from_numpy(images)[:, None]
-    out = [vae.decode(vae.encode(x[i : i + batch_size]).latent_dist.mean).sample for i in range(0, len(x), batch_size)]
-    return torch.cat(out).clamp(-1, 1)[:, 0].numpy()
 
 
 def score(classifier, examples, anatomy: np.ndarray, images: np.ndarray) -> dict:
@@ -149,13 +143,13 @@ def main() -> None:
     kl_weight = 1e-6  # tiny.yaml's image_vae.kl_weight
     print(f"data and classifier ready after {time.perf_counter() - started:.0f} s", flush=True)
     rows = {"real": score(classifiers["ct"], examples, anatomy, examples.images),
-            "bundled VAE": score(classifiers["ct"], examples, anatomy, reconstruct(base, examples.images))}
+            "bundled VAE": score(classifiers["ct"], examples, anatomy, vae_reconstruct(base, examples.images))}
     runs = {}
     for name, weight in (("+ CT fine-tune, L1", 0.0), (f"+ CT fine-tune, L1 + {args.window_weight:g} x brain-window L1", args.window_weight)):
         t0 = time.perf_counter()
         tuned, losses = fine_tune(base, train_images, args.steps, args.batch_size, args.learning_rate, kl_weight, weight, args.seed)
         runs[name] = {"seconds": time.perf_counter() - t0, "first_loss": losses[0], "last_loss": float(np.mean(losses[-20:]))}
-        rows[name] = score(classifiers["ct"], examples, anatomy, reconstruct(tuned, examples.images))
+        rows[name] = score(classifiers["ct"], examples, anatomy, vae_reconstruct(tuned, examples.images))
         print(name, json.dumps(rows[name]), flush=True)
     command = (f"python scripts/measure_vae_ct_window.py --vae {args.vae} --data {args.data} --steps {args.steps} "
                f"--batch_size {args.batch_size} --learning_rate {args.learning_rate:g} --window_weight {args.window_weight:g} "

@@ -26,17 +26,11 @@ from diffusers import AutoencoderKL
 from medm2g_diffusers.evaluation.benchmark import BenchmarkConfig, classifier_types, load_splits, train_classifiers
 from medm2g_diffusers.evaluation.benchmark_tables import write_page_keeping_notes
 from medm2g_diffusers.evaluation.finding_classifier import classifier_metrics, finding_examples
+from medm2g_diffusers.evaluation.image_metrics import vae_reconstruct
 from medm2g_diffusers.training_utils import atomic_write_text
 
 MODALITIES = ["xray", "ct", "mri_t1", "mri_t2"]
 
-
-@torch.no_grad()
-def reconstruct(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """decode(encode(x)) with the posterior mean, for images `(N, H, W)` in the model range [-1, 1]."""
-    x = torch.from_numpy(images)[:, None]
-    out = [vae.decode(vae.encode(x[i : i + batch_size]).latent_dist.mean).sample for i in range(0, len(x), batch_size)]
-    return torch.cat(out).clamp(-1, 1)[:, 0].numpy()
 
 
 def measure(vae: AutoencoderKL, classifiers: dict, test, modalities: list[str]) -> dict:
@@ -45,7 +39,7 @@ def measure(vae: AutoencoderKL, classifiers: dict, test, modalities: list[str]) 
         types = classifier_types(key)
         examples = finding_examples(test, key, types)
         anatomy = np.asarray(test.select(examples.rows.tolist())["anatomy"])
-        recon = reconstruct(vae, examples.images)
+        recon = vae_reconstruct(vae, examples.images)
         for name in sorted(set(anatomy.tolist())):
             rows = anatomy == name
             real = classifier_metrics(classifiers[key].predict_probabilities(examples.images[rows]), examples.labels[rows], types)

@@ -324,3 +324,20 @@ def frechet_inception_distance(
         "protocol": f"Fréchet distance of Inception pool3 Gaussians, {len(real)} real vs {len(fake)} generated images "
         f"({DISPLAY_NORMALISATION}); biased at small n, comparable only at equal sample counts",
     }
+
+
+@torch.no_grad()
+def vae_reconstruct(vae, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """``decode(encode(x))`` with the posterior mean, what the LDMs are trained on, clamped to the model range.
+
+    Args:
+        vae (`diffusers.AutoencoderKL`): a one-channel image VAE.
+        images (`np.ndarray` of shape `(N, H, W)`): images in the model range [-1, 1].
+        batch_size (`int`): images per forward pass.
+
+    Returns:
+        `np.ndarray` of shape `(N, H, W)`.
+    """
+    x = torch.from_numpy(np.asarray(images, dtype=np.float32))[:, None]
+    out = [vae.decode(vae.encode(x[i : i + batch_size]).latent_dist.mean).sample for i in range(0, len(x), batch_size)]
+    return torch.cat(out).clamp(-1, 1)[:, 0].numpy()
