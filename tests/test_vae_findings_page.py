@@ -21,9 +21,9 @@ def test_reconstruct_returns_one_clamped_image_per_input_in_batches(script):
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=2,
                         norm_num_groups=4).eval()
     images = np.random.default_rng(0).uniform(-1, 1, (5, 16, 16)).astype(np.float32)
-    out = script.reconstruct(vae, images, batch_size=2)
+    out = script.vae_reconstruct(vae, images, batch_size=2)
     assert out.shape == images.shape and out.min() >= -1 and out.max() <= 1
-    np.testing.assert_allclose(out[3], script.reconstruct(vae, images[3:4])[0], atol=1e-5)  # batching changes nothing
+    np.testing.assert_allclose(out[3], script.vae_reconstruct(vae, images[3:4])[0], atol=1e-5)  # batching changes nothing
 
 
 def _metrics(exact, f1):
