@@ -6,8 +6,8 @@
 #
 # Stages 0-2 run in two lanes of one torch thread each (two one-thread jobs outpace one two-thread job on these
 # small models; docs/decisions.md). A lane waits only where it needs the other lane's output:
-#   lane 1:  image VAE -> [alignment done?] X-ray LDM -> CT LDM
-#   lane 2:  alignment -> text VAE -> text LDM -> [image VAE done?] MRI LDM
+#   lane 1:  image VAE -> [alignment done?] X-ray LDM -> CT LDM -> [text VAE done?] text LDM
+#   lane 2:  alignment -> text VAE -> [image VAE done?] MRI LDM
 #   then stage 3, the multi-flow rounds, alone on every core.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -46,8 +46,9 @@ lanes() {
 stage() { timed launch 1 training/"$@" --config "$CONFIG" --resume_from_checkpoint latest; }
 ldm() { stage train_ldm.py --family "$1"; }
 
-lane1() { stage train_autoencoders.py --component vae && done_ vae && await alignment && ldm xray && ldm ct; }
-lane2() { stage train_alignment.py && done_ alignment && stage train_autoencoders.py --component text_vae && ldm text \
+lane1() { stage train_autoencoders.py --component vae && done_ vae && await alignment && ldm xray && ldm ct \
+          && await text_vae && ldm text; }
+lane2() { stage train_alignment.py && done_ alignment && stage train_autoencoders.py --component text_vae && done_ text_vae \
           && await vae && ldm mri; }
 
 recipe_start=$SECONDS
