@@ -70,7 +70,6 @@ def fine_tune(vae: AutoencoderKL, images: np.ndarray, steps: int, batch_size: in
     return vae.eval(), losses
 
 
-
 def score(classifier, examples, anatomy: np.ndarray, images: np.ndarray) -> dict:
     types = classifier_types("ct")
     out = {}

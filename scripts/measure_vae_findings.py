@@ -32,7 +32,6 @@ from medm2g_diffusers.training_utils import atomic_write_text
 MODALITIES = ["xray", "ct", "mri_t1", "mri_t2"]
 
 
-
 def measure(vae: AutoencoderKL, classifiers: dict, test, modalities: list[str]) -> dict:
     results = {}
     for key in modalities:
