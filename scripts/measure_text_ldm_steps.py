@@ -10,20 +10,23 @@ encoders; linked, not copied), wraps it with the root's image denoisers as a sin
 ``medm2g evaluate --tasks report_generation`` (the benchmark's protocol: R2Gen BLEU / ROUGE-L, finding F1 of the
 rule-based labeller). Only the text denoiser differs between the rows. Each run lives in ``--out/<steps>``; a step
 count whose evaluation is already there is not trained again. Writes docs/results/text-ldm-steps.md and .json.
+
+``--variant LABEL:KEY=VALUE,KEY=VALUE`` (repeatable) also trains the text LDM with those config overrides, in
+``--out/<LABEL>-<steps>``, at each of ``--variant_steps`` (default: every step count), e.g.
+``--variant deep:ldm.text_unet.num_blocks=6 --variant_steps 12000`` beside the plain recipe.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from medm2g_diffusers.evaluation.benchmark_tables import write_page_keeping_notes
+from medm2g_diffusers.evaluation.measure_scripts import add_page_arguments, rewrote_page_only, run_logged
 from medm2g_diffusers.training_utils import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,16 +35,21 @@ NAME = "text_ldm"  # the method's key in the evaluation JSON
 
 
 def run(cmd: list[str], log: Path, threads: int) -> float:
-    """Runs ``cmd`` with its output in ``log``; returns its wall time in seconds."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_DATASETS_DISABLE_PROGRESS_BARS="1")
-    start = time.perf_counter()
-    with open(log, "w") as handle:
-        subprocess.run(cmd, check=True, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    return time.perf_counter() - start
+    """Runs ``cmd`` from the repository root with its output in ``log``; returns its wall time in seconds."""
+    return run_logged(cmd, log, threads, ROOT)
 
 
-def measure(root: Path, folder: Path, steps: int, args) -> dict:
-    """Trains (unless done) and scores one step count; returns its row."""
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``LABEL:KEY=VALUE,KEY=VALUE`` -> ``(label, ["KEY=VALUE", ...])``."""
+    label, _, overrides = text.partition(":")
+    pairs = [pair for pair in overrides.split(",") if pair]
+    if not label.replace("_", "").replace("-", "").isalnum() or not pairs or not all("=" in pair for pair in pairs):
+        raise ValueError(f"--variant must be LABEL:KEY=VALUE[,KEY=VALUE...] with a word for LABEL; got {text!r}")
+    return label, pairs
+
+
+def measure(root: Path, folder: Path, steps: int, args, overrides: tuple[str, ...] = ()) -> dict:
+    """Trains (unless done) and scores one step count (with config ``overrides``); returns its row."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in (*STAGE_01, *(p.name for p in root.glob("unet_*") if p.name != "unet_text")):
         link = folder / name
@@ -52,6 +60,7 @@ def measure(root: Path, folder: Path, steps: int, args) -> dict:
     if not (folder / "unet_text").is_dir():
         times["train_seconds"] = run([sys.executable, "training/train_ldm.py", "--config", args.config, "--family", "text",
                                       "--dataset", str(args.dataset), "--set", f"output_root={folder}",
+                                      *(arg for pair in overrides for arg in ("--set", pair)),
                                       "--max_train_steps", str(steps), "--resume_from_checkpoint", "latest"],
                                      folder / "train.log", args.threads)
         atomic_write_text(times_path, json.dumps(times, indent=2))
@@ -67,8 +76,14 @@ def measure(root: Path, folder: Path, steps: int, args) -> dict:
                                          "--threads", str(args.threads)], folder / "evaluate.log", args.threads)
         atomic_write_text(times_path, json.dumps(times, indent=2))
     report = json.loads((evaluation / "benchmark.json").read_text())["report_generation"]
-    return {"steps": steps, "folder": str(folder), "train_seconds": times.get("train_seconds"), "n": report["n"],
+    return {"steps": steps, "overrides": list(overrides), "folder": str(folder), "train_seconds": times.get("train_seconds"), "n": report["n"],
             "scores": report[NAME], "nearest_neighbour": report.get("nearest_neighbour")}
+
+
+def row_name(row: dict) -> str:
+    """The steps, and a variant's overrides after them."""
+    overrides = row.get("overrides") or []
+    return f"{row['steps']:,}" + (f" ({', '.join(f'`{o}`' for o in overrides)})" if overrides else "")
 
 
 def page_lines(record: dict) -> list[str]:
@@ -82,9 +97,10 @@ def page_lines(record: dict) -> list[str]:
         f"{record['seconds'] / 60:.0f} min for what it trained and scored). Raw numbers: `text-ldm-steps.json`.",
         "",
         f"X-ray -> report on the {rows[0]['n']} held-out chest patients of the phantom test split, with the benchmark's "
-        "protocol (`medm2g evaluate --tasks report_generation`). Every row has the same tokenizer, text VAE, prompt "
-        f"encoders and image denoisers (`{record['root']}`); only the text denoiser's training length differs "
-        "(tiny.yaml's text recipe: batch 128, lr 1e-3, plain MSE, EMA 0.995).",
+        "protocol (`medm2g evaluate --tasks report_generation`, its default guidance). Every row has the same tokenizer, "
+        f"text VAE, prompt encoders and image denoisers (`{record['root']}`); only the text denoiser's training length "
+        "differs (tiny.yaml's text recipe: batch 128, lr 1e-3, plain MSE, EMA 0.995), and for a row that names config "
+        "overrides, those.",
         "",
         "| text LDM steps | training s | BLEU-1 | BLEU-4 | ROUGE-L | finding F1 (micro) | finding F1 (macro) | exact findings |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -92,13 +108,13 @@ def page_lines(record: dict) -> list[str]:
     for row in rows:
         s, f = row["scores"], row["scores"]["finding"]
         seconds = "-" if row["train_seconds"] is None else f"{row['train_seconds']:.0f}"
-        lines.append(f"| {row['steps']:,} | {seconds} | {s['bleu_1']:.3f} | {s['bleu_4']:.3f} | {s['rouge_l']:.3f} | "
+        lines.append(f"| {row_name(row)} | {seconds} | {s['bleu_1']:.3f} | {s['bleu_4']:.3f} | {s['rouge_l']:.3f} | "
                      f"{f['micro_f1']:.3f} | {f['macro_f1']:.3f} | {f['exact_match']:.3f} |")
     lines += ["", "Per finding type (F1):", "", "| text LDM steps | " + " | ".join(types) + " |",
               "| --- |" + " --- |" * len(types)]
     for row in rows:
         per_type = row["scores"]["finding"]["per_type"]
-        lines.append(f"| {row['steps']:,} | " + " | ".join(f"{per_type[t]['f1']:.2f}" for t in types) + " |")
+        lines.append(f"| {row_name(row)} | " + " | ".join(f"{per_type[t]['f1']:.2f}" if t in per_type else "-" for t in types) + " |")
     lines += ["", "Training seconds: the wall time of `train_ldm.py`, latent encoding included."]
     return lines
 
@@ -110,20 +126,23 @@ def main() -> None:
     parser.add_argument("--config", default="training/configs/tiny.yaml")
     parser.add_argument("--dataset", type=Path, default=Path("runs/tiny/phantoms"))
     parser.add_argument("--out", type=Path, default=Path("runs/text_ldm_steps"))
-    parser.add_argument("--page", type=Path, default=ROOT / "docs" / "results" / "text-ldm-steps.md")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--page_only", action="store_true", help="rewrite the page from the JSON beside it; train nothing")
+    add_page_arguments(parser, ROOT / "docs" / "results" / "text-ldm-steps.md")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE,...",
+                        help="also train with these config overrides (repeatable)")
+    parser.add_argument("--variant_steps", type=int, nargs="+", default=None, help="step counts of the variants (default: --steps)")
     args = parser.parse_args()
-    if args.page_only:
-        write_page_keeping_notes(args.page, page_lines(json.loads(args.page.with_suffix(".json").read_text())))
+    if rewrote_page_only(args, page_lines):
         return
     for name in STAGE_01:
         if not (args.root / name).is_dir():
             raise FileNotFoundError(f"--root {args.root} has no {name}/: train stages 0-1 into it first")
-    if any(steps <= 0 for steps in args.steps):
-        raise ValueError(f"--steps must be positive; got {args.steps}")
+    if any(steps <= 0 for steps in args.steps + (args.variant_steps or [])):
+        raise ValueError(f"--steps and --variant_steps must be positive; got {args.steps} and {args.variant_steps}")
     start = time.perf_counter()
+    variants = [parse_variant(text) for text in args.variant]
     rows = [measure(args.root, args.out / str(steps), steps, args) for steps in sorted(set(args.steps))]
+    rows += [measure(args.root, args.out / f"{label}-{steps}", steps, args, tuple(overrides))
+             for label, overrides in variants for steps in sorted(set(args.variant_steps or args.steps))]
     record = {"command": "python scripts/measure_text_ldm_steps.py " + " ".join(sys.argv[1:]), "root": str(args.root),
               "machine": platform.machine(), "threads": args.threads, "seconds": time.perf_counter() - start, "rows": rows}
     atomic_write_text(args.page.with_suffix(".json"), json.dumps(record, indent=2))

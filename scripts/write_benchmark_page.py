@@ -10,15 +10,38 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from medm2g_diffusers.evaluation.benchmark_tables import evaluate_command, markdown_tables, write_page_keeping_notes
+
+
+def ablation_time_table(log: str) -> list[str]:
+    """The wall time of every stage of every variant, from ablation.sh's ``recipe_times.log`` lines
+    ``[ablation.sh] <command> took <N> s``."""
+    rows = []
+    for line in log.splitlines():
+        root, took = re.search(r"(?:output_root=|--root )(\S+)", line), re.search(r" took (\d+) s$", line)
+        if not root or not took:
+            continue
+        family = re.search(r"--family (\w+)", line)
+        stage = next((name for name in ("train_alignment", "train_ldm", "export_single_flow_pipeline", "train_multiflow") if name in line), "?")
+        rows.append((Path(root.group(1)).name, stage + (f" --family {family.group(1)}" if family else ""), int(took.group(1))))
+    if not rows:
+        return []
+    total = sum(seconds for *_, seconds in rows)
+    return ["Ablation training wall times (`recipe_times.log`):", "",
+            "| variant | stage | seconds |", "| --- | --- | --- |",
+            *(f"| {variant} | {stage} | {seconds:,} |" for variant, stage, seconds in rows),
+            f"| every variant | total | {total:,} ({total / 60:.0f} min) |", ""]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--main", required=True, help="benchmark.json of the full run on medm2g-tiny")
     parser.add_argument("--ablation", default=None, help="benchmark.json of training/recipes/ablation.sh evaluate")
+    parser.add_argument("--ablation_times", default=None,
+                        help="ablation.sh's recipe_times.log (default: beside the ablation run, two folders above its JSON)")
     parser.add_argument("--out", default="docs/results/benchmark.md")
     args = parser.parse_args()
 
@@ -35,9 +58,9 @@ def main() -> None:
                   "`ca_lcga` + cross-guided generation; `ca_vi` + visual invariant; `all` = all three.", "",
                   f"```bash\nbash training/recipes/ablation.sh && bash training/recipes/ablation.sh evaluate\n# = {evaluate_command(ablation)}\n```", "",
                   markdown_tables(ablation)]
-        times = Path(args.ablation).parents[1] / "recipe_times.log"
+        times = Path(args.ablation_times) if args.ablation_times else Path(args.ablation).parents[1] / "recipe_times.log"
         if times.is_file():
-            lines += ["Ablation training wall times (`recipe_times.log`):", "", "```", times.read_text().strip(), "```", ""]
+            lines += ablation_time_table(times.read_text())
     write_page_keeping_notes(out, lines)
     print(f"wrote {out}")
 

@@ -54,6 +54,7 @@ from medm2g_diffusers.data.io import (
 )
 from medm2g_diffusers.data.phantoms import PhantomGenerator
 from medm2g_diffusers.modalities import CT_WINDOW_HU, MODALITIES, to_model_range
+from medm2g_diffusers.pipelines.pipeline_medm2g import DEFAULT_GUIDANCE_SCALES
 
 logger = logging.getLogger("medm2g.demo")
 
@@ -356,9 +357,11 @@ def write_examples(folder: Path, size: int) -> dict[str, Any]:
 
 
 def _settings(prefix: str) -> tuple[gr.Slider, gr.Slider, gr.Slider]:
+    # The pipeline's own defaults: reports are guided harder than images (docs/results/report-guidance.md).
+    default_guidance = DEFAULT_GUIDANCE_SCALES["text" if prefix == "image_to_report" else "image"]
     with gr.Row():
         steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Inference steps", elem_id=f"{prefix}-steps")
-        guidance = gr.Slider(0.0, 10.0, value=2.0, step=0.1, label="Guidance scale", elem_id=f"{prefix}-guidance")
+        guidance = gr.Slider(0.0, 10.0, value=default_guidance, step=0.1, label="Guidance scale", elem_id=f"{prefix}-guidance")
         seed = gr.Slider(0, 99999, value=0, step=1, label="Seed", elem_id=f"{prefix}-seed")
     return steps, guidance, seed
 

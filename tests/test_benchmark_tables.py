@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from medm2g_diffusers.evaluation.benchmark_tables import joint_table, paired_difference, paired_reading, paired_table
+from medm2g_diffusers.evaluation.benchmark_tables import guidance_text, joint_table, paired_difference, paired_reading, paired_table
 
 
 def test_paired_difference_hand_checked():
@@ -52,3 +52,8 @@ def test_joint_table_shows_how_many_patients_have_a_shared_finding_beside_the_ag
     lines = joint_table(results)
     assert "| anatomy | pair | types both classifiers see | patients with one of them | real images (ceiling) | m joint | m uncoupled | b joint | b uncoupled |" in lines
     assert "| head (n=4) | ct+mri_t2 | tumour | 0.250 | 0.750 | 0.500 | 0.250 | – | – |" in lines
+
+
+def test_the_header_states_the_guidance_a_run_used():
+    assert guidance_text(2.0) == "2.0"  # a run that set one scale (every run before per-target defaults)
+    assert guidance_text(None) == "2.0 for images and 3.0 for reports"  # the pipeline's per-target defaults

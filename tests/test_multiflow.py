@@ -433,6 +433,45 @@ def test_source_guidance_routes_a_clean_source_through_theta_c(single_flow):
     assert (guided - base).abs().amax() > 1e-4
 
 
+def test_report_sources_route_a_clean_image_to_the_text_denoiser_through_theta_c(single_flow, tmp_path):
+    torch.manual_seed(0)
+    model = MedM2GMultiFlowModel.from_single_flow(single_flow, CONTEXT_KWARGS, report_sources=["xray"]).eval()
+    assert model.accepted_sources("text") == ["xray"] and model.accepted_sources("xray") == []
+    latents, timesteps, conditions = joint_inputs()
+    source = torch.randn(BATCH, CHANNELS, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    alone = {"text": latents["text"]}
+    with torch.no_grad():
+        base = model(alone, timesteps, conditions)["text"]
+        zero_start = model(alone, timesteps, conditions, sources={"text": {"xray": source}})["text"]
+        assert torch.equal(zero_start, base)  # θ_c starts at zero values: the source enters only once trained
+        perturb_guidance(model)
+        base = model(alone, timesteps, conditions)["text"]
+        guided = model(alone, timesteps, conditions, sources={"text": {"xray": source}})["text"]
+        shifted = model(alone, timesteps, conditions, sources={"text": {"xray": source + 1}})["text"]
+        # The route is V_xray(z_0, t=0): the same tokens the model's guidance_tokens gives a clean latent.
+        tokens = model.context_encoders["xray"](source, 0)
+        direct = model.unets["text"](latents["text"], timesteps["text"], **unet_condition_kwargs(
+            model.unets["text"], conditions["text"].tokens, conditions["text"].mask),
+            cross_attention_kwargs={"guidance_hidden_states": tokens, "guidance_scale": 1.0}).sample
+    assert (guided - base).abs().amax() > 1e-4 and (shifted - guided).abs().amax() > 1e-4
+    assert torch.allclose(guided, direct, atol=1e-6)
+
+    model.save_pretrained(tmp_path)
+    loaded = MedM2GMultiFlowModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.report_sources == ["xray"] and loaded.accepted_sources("text") == ["xray"]
+    with torch.no_grad():
+        assert torch.equal(loaded(alone, timesteps, conditions, sources={"text": {"xray": source}})["text"], guided)
+    partial = MedM2GMultiFlowModel.from_pretrained(tmp_path, families=["text"], source_families=["xray"]).eval()
+    with torch.no_grad():
+        assert torch.equal(partial(alone, timesteps, conditions, sources={"text": {"xray": source}})["text"], guided)
+    with pytest.raises(ValueError, match="accepts image sources"):
+        model(alone, timesteps, conditions, sources={"text": {"mri_t2": source}})
+    with pytest.raises(ValueError, match="report_sources must list distinct imaging families"):
+        MedM2GMultiFlowModel.from_single_flow(single_flow, CONTEXT_KWARGS, report_sources=["ct"])
+    with pytest.raises(ValueError, match="report_sources needs a text denoiser"):
+        MedM2GMultiFlowModel.from_single_flow({"xray": single_flow["xray"]}, CONTEXT_KWARGS, report_sources=["xray"])
+
+
 def test_denoisers_train_whole_when_asked(single_flow):
     model = make_slotted_model(single_flow)
     trainable = {id(p) for p in model.trainable_parameters(["ct"], denoisers=["xray"])}

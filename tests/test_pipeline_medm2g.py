@@ -11,8 +11,9 @@ from diffusers import DPMSolverMultistepScheduler
 from medm2g_diffusers import MedM2GPipeline, MedM2GPipelineOutput
 from medm2g_diffusers.data.io import read_provenance
 from medm2g_diffusers.data.phantoms import PhantomGenerator
+from medm2g_diffusers.models import MedM2GMultiFlowModel
 
-from tiny_pipeline import SIZE, SLOTS, get_dummy_pipeline
+from tiny_pipeline import SIZE, SLOTS, get_dummy_components, get_dummy_pipeline
 
 PROMPT = "Large right pleural effusion. Heart size is normal."
 
@@ -59,6 +60,50 @@ def test_image_to_text(pipe, phantom):
     out = run(pipe, conditions={"xray": phantom.images["xray"]}, targets=["text"], max_new_tokens=8)
     assert isinstance(out.text, list) and len(out.text) == 1 and isinstance(out.text[0], str)
     assert out.images == {}
+
+
+def test_guidance_defaults_per_target_kind_and_a_dict_sets_each_target(pipe, phantom):
+    xray = {"xray": phantom.images["xray"]}
+    report = run(pipe, conditions=xray, targets=["text"], output_type="latent")
+    assert torch.equal(report.images["text"], run(pipe, conditions=xray, targets=["text"], output_type="latent", guidance_scale=3.0).images["text"])
+    assert not torch.equal(report.images["text"], run(pipe, conditions=xray, targets=["text"], output_type="latent", guidance_scale=2.0).images["text"])
+    assert report.provenance["text"]["guidance_scale"] == 3.0
+    image = run(pipe, prompt=PROMPT, targets=["xray"], output_type="latent")
+    assert torch.equal(image.images["xray"], run(pipe, prompt=PROMPT, targets=["xray"], output_type="latent", guidance_scale=2.0).images["xray"])
+    assert image.provenance["xray"]["guidance_scale"] == 2.0
+    # Uncoupled joint targets, each at its own scale, match each generated alone at that scale from the same noise;
+    # a target at 1 takes the conditional half of the shared guided batch.
+    noise = {t: torch.randn(1, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(i)) for i, t in enumerate(["xray", "ct"])}
+    scales = {"xray": 1.0, "ct": 4.0}
+    both = run(pipe, prompt=PROMPT, targets=["xray", "ct"], output_type="latent", cross_guidance_scale=0.0,
+               guidance_scale=scales, latents=noise)
+    for target, scale in scales.items():
+        assert both.provenance[target]["guidance_scale"] == scale
+        alone = run(pipe, prompt=PROMPT, targets=[target], output_type="latent", guidance_scale=scale, latents={target: noise[target]})
+        assert torch.allclose(both.images[target], alone.images[target], atol=1e-5), target
+
+
+def test_report_sources_reach_the_text_denoiser_and_survive_a_partial_load(phantom, tmp_path):
+    """A checkpoint with report_sources=["xray"]: X-ray -> report reads V_xray(z_0) through θ_c as well as the
+    X-ray's tokens, and a load of just what that call needs (targets=["text"], conditions=["xray"]) gives the same
+    report latents bit for bit."""
+    components = get_dummy_components()
+    multiflow = components["multiflow"]
+    guided = MedM2GMultiFlowModel.from_config({**multiflow.config, "report_sources": ["xray"]})
+    guided.load_state_dict(multiflow.state_dict())
+    plain = MedM2GPipeline(**components)
+    full = MedM2GPipeline(**{**components, "multiflow": guided.eval()})
+    for p in (plain, full):
+        p.set_progress_bar_config(disable=True)
+    assert full.accepted_conditions("text") == plain.accepted_conditions("text")
+    xray = {"xray": phantom.images["xray"]}
+    latents = run(full, conditions=xray, targets=["text"], output_type="latent").images["text"]
+    assert not torch.allclose(latents, run(plain, conditions=xray, targets=["text"], output_type="latent").images["text"])
+    full.save_pretrained(tmp_path)
+    partial = MedM2GPipeline.from_pretrained(tmp_path, targets=["text"], conditions=["xray"])
+    partial.set_progress_bar_config(disable=True)
+    assert list(partial.multiflow.context_encoders) == ["text", "xray"] and list(partial.multiflow.unets) == ["text"]
+    assert torch.equal(run(partial, conditions=xray, targets=["text"], output_type="latent").images["text"], latents)
 
 
 def test_image_to_image_directions_use_the_source(pipe, phantom):

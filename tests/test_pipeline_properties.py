@@ -259,14 +259,15 @@ def test_unknown_modality_keys_are_named_errors(pipe, targets, condition_keys, w
 # --------------------------------------------------------------------------------------------------
 
 BAD_STEPS = [0, -1, 1000, 10**6, 2**63, 1.0, 2.5, math.nan, True, False, "2", None, [1], np.float64(2.0)]
-BAD_GUIDANCE = [-0.5, -1e-9, math.nan, math.inf, -math.inf, None, "2", [2.0], True, 1 + 2j, np.float32(2.5), np.int64(2)]
+BAD_GUIDANCE = [-0.5, -1e-9, math.nan, math.inf, -math.inf, "2", [2.0], True, 1 + 2j, np.float32(2.5), np.int64(2),
+                {"ct": 2.0}, {"xray": math.nan, "mri_flair": math.nan}, {"xray": "2"}]
 
 
 @TIMEOUT
 @PROPERTY
 @given(output_type=mostly(st.sampled_from(OUTPUT_TYPES), st.sampled_from(["PIL", "numpy", "dicom", "", None, 3, ["np"]])),
        steps=mostly(st.integers(1, 2), st.sampled_from(BAD_STEPS)),
-       guidance=mostly(st.one_of(st.floats(0, 20), st.sampled_from([0, 1, 3, np.float64(1.5)])), st.sampled_from(BAD_GUIDANCE)),
+       guidance=mostly(st.one_of(st.floats(0, 20), st.sampled_from([0, 1, 3, np.float64(1.5), None])), st.sampled_from(BAD_GUIDANCE)),
        target=st.sampled_from(["xray", "mri_flair"]))
 def test_bad_scalars_are_named_errors(pipe, output_type, steps, guidance, target):
     out = call(pipe, ("output_type", "num_inference_steps", "guidance_scale"), prompt=PROMPT, targets=[target],
@@ -274,7 +275,9 @@ def test_bad_scalars_are_named_errors(pipe, output_type, steps, guidance, target
     good_output = isinstance(output_type, str) and output_type in OUTPUT_TYPES
     good_steps = type(steps) is int and 1 <= steps <= 2
     # np.float64 is a float; np.float32/np.int64 are refused (they would not serialise into the provenance).
-    good_guidance = isinstance(guidance, (int, float)) and not isinstance(guidance, bool) and math.isfinite(guidance) and guidance >= 0
+    good_scale = lambda g: isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g) and g >= 0  # noqa: E731
+    good_guidance = guidance is None or good_scale(guidance) or (
+        isinstance(guidance, dict) and set(guidance) <= {target} and all(good_scale(g) for g in guidance.values()))
     assert (out is not None) == (good_output and good_steps and good_guidance), (output_type, steps, guidance)
 
 
@@ -320,7 +323,8 @@ REGRESSIONS = {
     # was: NaN silently disabled guidance; inf made NaN images; None/str raised an unnamed TypeError
     "guidance-nan": ({"prompt": PROMPT, "guidance_scale": math.nan}, r"guidance_scale must be a finite"),
     "guidance-inf": ({"prompt": PROMPT, "guidance_scale": math.inf}, r"guidance_scale must be a finite"),
-    "guidance-none": ({"prompt": PROMPT, "guidance_scale": None}, r"guidance_scale must be a finite"),
+    "guidance-dict-key": ({"prompt": PROMPT, "guidance_scale": {"ct": 2.0}}, r"guidance_scale keys must be targets"),
+    "guidance-dict-nan": ({"prompt": PROMPT, "guidance_scale": {"xray": math.nan}}, r"guidance_scale must be a finite"),
     "guidance-str": ({"prompt": PROMPT, "guidance_scale": "2"}, r"guidance_scale must be a finite"),
     # was: ValueError "provenance must be JSON-serialisable" (np.float32 in the record) for PIL outputs
     "guidance-float32": ({"prompt": PROMPT, "guidance_scale": np.float32(2.0), "output_type": "pil"}, r"guidance_scale must be a finite"),

@@ -60,7 +60,7 @@ def test_a_root_without_stage_0_1_outputs_or_a_bad_step_count_is_refused(probe, 
     for name in probe.STAGE_01:
         (tmp_path / name).mkdir()
     monkeypatch.setattr(sys, "argv", ["m", "--root", str(tmp_path), "--steps", "0", "--page", str(tmp_path / "p.md")])
-    with pytest.raises(ValueError, match="--steps must be positive"):
+    with pytest.raises(ValueError, match="--steps and --variant_steps must be positive"):
         probe.main()
 
 
@@ -73,3 +73,13 @@ def test_page_only_keeps_the_notes_and_the_committed_page_matches_its_json(probe
     monkeypatch.setattr(sys, "argv", ["m", "--root", "unused", "--page_only", "--page", str(page)])
     probe.main()
     assert page.read_text().endswith("my reading\n") and "old" not in page.read_text()
+
+
+def test_variants_are_parsed_and_named_by_their_overrides(probe):
+    assert probe.parse_variant("deep:ldm.text_unet.num_blocks=6,ldm.text_unet.dropout=0.1") == (
+        "deep", ["ldm.text_unet.num_blocks=6", "ldm.text_unet.dropout=0.1"])
+    for bad in ("deep", "deep:", ":a=1", "de ep:a=1", "deep:num_blocks"):
+        with pytest.raises(ValueError, match="--variant must be"):
+            probe.parse_variant(bad)
+    assert probe.row_name({"steps": 12000, "overrides": ["ldm.text_unet.num_blocks=6"]}) == "12,000 (`ldm.text_unet.num_blocks=6`)"
+    assert probe.row_name({"steps": 12000}) == "12,000"  # rows written before variants existed

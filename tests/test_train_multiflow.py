@@ -105,6 +105,42 @@ def test_attention_route_trains_v_and_theta_only(workspace):
     assert model.unets["ct"].config.in_channels == 4
 
 
+def test_report_round_reads_the_xray_through_theta_c_and_trains_what_it_says(workspace):
+    """A translation round into text (report_sources): V_xray(z_0) reaches the text denoiser through θ_c; by default
+    V and θ_c train, with train_denoiser the whole text denoiser too; the saved pipeline serves X-ray -> report
+    through that route."""
+    tmp, config = workspace
+    cfg = {**yaml.safe_load(config.read_text())["multiflow"], "report_sources": ["xray"]}
+    unets, _ = train_multiflow.load_single_flow(tmp / "out", cfg["families"])
+    model = train_multiflow.build_model(cfg, unets, "concat")
+    assert model.accepted_sources("text") == ["xray"]
+    ids = lambda params: {id(p) for p in params}  # noqa: E731
+    report_round = {"name": "xray_to_text", "kind": "translation", "target": "text", "sources": ["xray"], "steps": 1}
+    trained = ids(train_multiflow.trainable_for(model, report_round))
+    theta = ids(p for n, p in model.unets["text"].named_parameters() if "processor" in n)
+    assert ids(model.context_encoders["xray"].parameters()) <= trained and theta <= trained
+    assert not ids(p for n, p in model.unets["text"].named_parameters() if "processor" not in n) & trained
+    assert not ids(p for n, p in model.unets["xray"].named_parameters() if "processor" not in n) & trained
+    whole = ids(train_multiflow.trainable_for(model, {**report_round, "train_denoiser": True}))
+    assert ids(model.unets["text"].parameters()) <= whole
+
+    rounds = "[{name: xray_to_text, kind: translation, target: text, sources: [xray], steps: 2, train_denoiser: true}]"
+    result = _run(config, tmp / "report-round", "--set", "multiflow.report_sources=[xray]", "--set", f"multiflow.rounds={rounds}",
+                  "--set", "multiflow.model_name=multiflow_report", "--set", "multiflow.pipeline_name=pipeline_report")
+    assert [r["round"] for r in result["history"]] == ["xray_to_text"] * 2 and all(np.isfinite(r["loss"]) for r in result["history"])
+    before = train_multiflow.build_model(cfg, unets, "concat").unets["text"].state_dict()
+    after = MedM2GMultiFlowModel.from_pretrained(result["model_dir"])
+    assert after.config.report_sources == ["xray"]
+    assert not all(torch.equal(before[k], v) for k, v in after.unets["text"].state_dict().items())
+    pipe = MedM2GPipeline.from_pretrained(result["pipeline_dir"])
+    pipe.set_progress_bar_config(disable=True)
+    xray = np.zeros((1, 1, 32, 32), dtype=np.float32)
+    out = pipe(conditions={"xray": xray}, targets=["text"], num_inference_steps=2, output_type="latent")
+    off = pipe(conditions={"xray": xray}, targets=["text"], num_inference_steps=2, output_type="latent",
+               cross_guidance_scale=0.0)
+    assert not torch.allclose(out.images["text"], off.images["text"])  # the route is on: θ_c reads V_xray(z_0)
+
+
 def test_composite_condition_keeps_a_null_token_for_empty_rows():
     tokens = torch.ones(2, 3, 4)
     condition = train_multiflow.composite_condition([(tokens, torch.tensor([[1, 1, 0], [0, 0, 0]])), (tokens[:, :2], torch.tensor([[0, 0], [0, 0]]))])

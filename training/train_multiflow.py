@@ -196,8 +196,9 @@ def translation_step(model, data, rows, round_, cfg, noise_scheduler, generator,
     sources = [s for s in round_sources(round_, unwrapped) if s != key and s in data.latent_mean]
     concat = bool(unwrapped.source_slots_of(family))
     source_latents, keep, parts = {}, {}, []
-    text_keep = torch.rand(batch, generator=generator) >= float(cfg["translation_text_dropout"])
-    parts.append((data.tokens["text"][rows], data.text_mask[rows] * (text_keep & data.present["text"][rows]).unsqueeze(1)))
+    if not is_text_family(family):  # an image target may also read its report; a report target is the report
+        text_keep = torch.rand(batch, generator=generator) >= float(cfg["translation_text_dropout"])
+        parts.append((data.tokens["text"][rows], data.text_mask[rows] * (text_keep & data.present["text"][rows]).unsqueeze(1)))
     for source in sources:
         present = data.present[source][rows]
         dropped = torch.rand(batch, generator=generator) < float(cfg["source_dropout"])
@@ -312,12 +313,14 @@ def load_single_flow(output_root: Path, families: list[str]) -> tuple[dict[str, 
 
 def build_model(cfg: dict[str, Any], unets: dict[str, torch.nn.Module], image_conditioning: str) -> MedM2GMultiFlowModel:
     slots = {family: list(keys) for family, keys in (cfg.get("source_slots") or {}).items() if family in unets}
+    report_sources = [family for family in cfg.get("report_sources") or [] if family in unets] if "text" in unets else []
     return MedM2GMultiFlowModel.from_single_flow(
         unets,
         cfg.get("context_encoder") or {},
         apply_to_self_attention=bool(cfg.get("apply_to_self_attention", False)),
         source_slots=slots if image_conditioning == "concat" else None,
         source_guidance=image_conditioning == "attention",
+        report_sources=report_sources,
     )
 
 
@@ -337,10 +340,20 @@ def trainable_for(model: MedM2GMultiFlowModel, round_: dict[str, Any]) -> list[t
     if round_["kind"] == "joint":
         return model.trainable_parameters(round_["trainable"])
     target = round_["target"]
+    denoisers = [target] if trains_denoiser(model, round_) else []
     if model.source_slots_of(target):
-        return model.trainable_parameters([target], denoisers=[target])
+        return model.trainable_parameters([target], denoisers=denoisers)
     source_families = {get_modality(k).family for k in round_sources(round_, model)}
-    return model.trainable_parameters(sorted(source_families | {target}))
+    return model.trainable_parameters(sorted(source_families | {target}), denoisers=denoisers)
+
+
+def trains_denoiser(model: MedM2GMultiFlowModel, round_: dict[str, Any]) -> bool:
+    """Whether a round trains its target's whole denoiser (at ``denoiser_learning_rate``): a translation round
+    into source slots must (the widened first convolution learns to read them); one through θ_c only
+    (V_S(z_0), a report's route) trains V_S and θ_c unless it sets ``train_denoiser: true``."""
+    if round_["kind"] != "translation":
+        return False
+    return bool(round_.get("train_denoiser", bool(model.source_slots_of(round_["target"]))))
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -392,7 +405,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # One optimizer over everything any round trains; a round freezes the rest (AdamW skips grad-less params).
     ever = {id(p) for r in rounds for p in trainable_for(model, r)}
-    denoiser_ids = {id(p) for r in rounds if r["kind"] == "translation" and model.source_slots_of(r["target"]) for p in model.unets[r["target"]].parameters()}
+    denoiser_ids = {id(p) for r in rounds if trains_denoiser(model, r) for p in model.unets[r["target"]].parameters()}
     params = [p for p in model.parameters() if id(p) in ever]
     optimizer = torch.optim.AdamW(
         [

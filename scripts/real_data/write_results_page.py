@@ -148,7 +148,7 @@ def main() -> None:
              "(`--init scratch`: the same denoisers from random weights, trained in full, with the same frozen VAE and prompt "
              "encoders), and for image -> image the regression UNet (`training/train_regression_baseline.py`). The "
              "unfine-tuned medm2g-tiny is the starting point of the adapter. Scores are on the validation split (held-out "
-             "patients), and for the Harvard pairs also on their test series, 50 DDIM steps, guidance 2.0, one seeded sample per image.", "", *dataset_section(root)]
+             "patients), and for the Harvard pairs also on their test series, 50 DDIM steps, the pipeline's default guidance (each run's header below says which), one seeded sample per image.", "", *dataset_section(root)]
     for name, (task, data, title) in SECTIONS.items():
         path = root / "evaluate" / name / "benchmark.json"
         if not path.is_file():

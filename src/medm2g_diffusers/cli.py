@@ -378,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
                    help="sampler (default: the checkpoint's own, DDIM); dpmsolver++ or unipc at 20 steps are within noise of DDIM at 50 on 17 of 18 benchmark metrics (docs/performance.md)")
     p.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS, default=None, help="the sampler's timestep spacing (default: the checkpoint's)")
-    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (default 2.0)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale for every target (default: 2.0 for images, 3.0 for a report)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--num-images", type=_positive_int, default=1, help="samples per prompt (default 1)")
     p.add_argument("--model", default=DEFAULT_CHECKPOINT, help="a bundled checkpoint name or a pipeline folder (default: %(default)s, bundled)")

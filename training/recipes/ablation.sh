@@ -6,8 +6,8 @@
 #   ca_lcga   + cross-guided generation (stage 3 round text_xray on top of ca's LDMs)
 #   ca_vi     + visual invariant (Barlow Twins) in the alignment
 #   all       ca_vi + cross-guided generation
-# Budgets (training/configs/ablation.yaml): alignment 300 steps, LDMs 400 steps per family, stage 3 150 steps
-# of V/f/θ_c only. Every variant gets the same LDM budget; the two cross-guided ones get their 150 extra steps
+# Budgets (training/configs/ablation.yaml): alignment 600 steps; tiny.yaml's stage-2 recipe with the X-ray LDM at
+# its 1,000 steps and the text LDM at 3,000 of its 12,000; stage 3 150 steps of V/f/θ_c only. Every variant gets the same LDM budget; the two cross-guided ones get their 150 extra steps
 # of the cross-guided sublayers on top (the method's own cost). Wall times go to runs/ablation/recipe_times.log.
 #   bash training/recipes/ablation.sh      # then: bash training/recipes/ablation.sh evaluate
 set -euo pipefail

@@ -106,7 +106,7 @@ class BenchmarkConfig:
     classifier_batch_size: int = 32
     augmentation_steps: int = 1000
     num_inference_steps: int = 50
-    guidance_scale: float = 2.0
+    guidance_scale: float | None = None  # None: the pipeline's defaults (2.0 for images, 3.0 for reports)
     batch_size: int = 32
     max_text_tokens: int = 160
     seed: int = 0

@@ -174,10 +174,19 @@ def skipped_list(results: dict) -> list[str]:
     return ["### Not run", "", *(f"- {name}: {reason}" for name, reason in results["skipped"].items()), ""]
 
 
+def guidance_text(guidance_scale) -> str:
+    """The guidance of a run as the tables state it: one scale, or the pipeline's per-target defaults."""
+    if guidance_scale is not None:
+        return f"{guidance_scale}"
+    from ..pipelines.pipeline_medm2g import DEFAULT_GUIDANCE_SCALES
+
+    return f"{DEFAULT_GUIDANCE_SCALES['image']} for images and {DEFAULT_GUIDANCE_SCALES['text']} for reports"
+
+
 def markdown_tables(results: dict) -> str:
     """All tables of a benchmark run, with the data and machine they came from, and what was not run and why."""
     head = [f"Model `{results['model']}`; baselines: {', '.join(results['baselines']) or 'none'}; data: {results['data']}; "
-            f"{results['config']['num_inference_steps']} DDIM steps, guidance {results['config']['guidance_scale']}; "
+            f"{results['config']['num_inference_steps']} DDIM steps, guidance {guidance_text(results['config'].get('guidance_scale'))}; "
             f"{results['machine']['processor']}, {results['machine']['torch_threads']} torch threads; "
             f"{results['seconds'] / 60:.1f} min.", ""]
     tables = {"report_generation": report_table, "text_to_image": text_to_image_table, "image_to_image": image_to_image_table,

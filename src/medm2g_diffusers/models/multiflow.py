@@ -24,7 +24,9 @@ to the noisy latent, each followed by a presence-mask channel, zero-filled when 
 (``shared/notes/image-to-image.md``: cross-attention alone learned nothing within a CPU budget). One denoiser
 then serves text -> image (no slot filled), one-source and multi-source synthesis. ``source_guidance=True``
 also (or, with no slots, only) routes each clean source through θ_c as ``V_S(z_0^S, t=0)``, the paper's
-cross-guided route, so both can be measured.
+cross-guided route, so both can be measured. A report has no latent to concatenate to: an image -> report call
+reaches the text denoiser through θ_c only, as ``V_S(z_0^S, t=0)`` of the image families in ``report_sources``,
+beside that image's prompt-encoder tokens.
 """
 
 from __future__ import annotations
@@ -205,7 +207,11 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
             its input in this order, each followed by one presence-mask channel. The denoiser's ``in_channels``
             must be ``C * (1 + n) + n`` for ``C`` latent channels and ``n`` slots.
         source_guidance (`bool`, defaults to `False`):
-            Whether clean sources also reach the target through θ_c as ``V_S(z_0^S, t=0)`` tokens.
+            Whether clean sources also reach an imaging target through θ_c as ``V_S(z_0^S, t=0)`` tokens.
+        report_sources (`list[str]`, *optional*):
+            Imaging families whose clean image (any of its modalities) the text denoiser reads through θ_c as
+            ``V_S(z_0^S, t=0)`` when it writes a report from that image. Empty: a report is conditioned on the
+            image's prompt-encoder tokens alone (the stage-2 path).
     """
 
     @register_to_config
@@ -216,6 +222,7 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
         apply_to_self_attention: bool = False,
         source_slots: dict[str, list[str]] | None = None,
         source_guidance: bool = False,
+        report_sources: list[str] | None = None,
     ):
         super().__init__()
         if not unet_configs:
@@ -249,6 +256,16 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
             self.unets[family] = unet_class.from_config(unet_configs[family])
             self._install_processors(self.unets[family])
         self._check_source_slots(source_slots or {})
+        self._check_report_sources(report_sources or [])
+
+    def _check_report_sources(self, report_sources: list[str]) -> None:
+        if not report_sources:
+            return
+        if not any(is_text_family(family) for family in self.unets):
+            raise ValueError(f"report_sources needs a text denoiser; this model has {list(self.unets)}")
+        imaging = [family for family in self.unets if not is_text_family(family)]
+        if not isinstance(report_sources, (list, tuple)) or any(f not in imaging for f in report_sources) or len(set(report_sources)) != len(report_sources):
+            raise ValueError(f"report_sources must list distinct imaging families of this model, {imaging}; got {report_sources!r}")
 
     def _check_source_slots(self, source_slots: dict[str, list[str]]) -> None:
         for family, slots in source_slots.items():
@@ -282,9 +299,11 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
 
     def accepted_sources(self, family: str) -> list[str]:
         """Modality keys a ``family`` target can be conditioned on image-wise (slots, or any imaging family's
-        modality through θ_c when ``source_guidance`` is on)."""
+        modality through θ_c when ``source_guidance`` is on; for text, the modalities of ``report_sources``)."""
+        if is_text_family(family):
+            return [key for source in self.config.report_sources or [] for key in modalities_of_family(source)]
         keys = self.source_slots_of(family)
-        if self.config.source_guidance and not is_text_family(family):
+        if self.config.source_guidance:
             keys += [
                 key for other in self.checkpoint_families if not is_text_family(other)
                 for key in modalities_of_family(other) if key not in keys
@@ -413,6 +432,7 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
         apply_to_self_attention: bool = False,
         source_slots: dict[str, list[str]] | None = None,
         source_guidance: bool = False,
+        report_sources: list[str] | None = None,
     ) -> "MedM2GMultiFlowModel":
         r"""
         Builds the container around trained stage-2 denoisers, copying their weights exactly.
@@ -435,6 +455,7 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
                 widened for them with zero weights (as InstructPix2Pix does), so the model still starts exactly
                 at the single-flow one.
             source_guidance (`bool`, defaults to `False`): see the class docstring.
+            report_sources (`list[str]`, *optional*): see the class docstring.
 
         Returns:
             `MedM2GMultiFlowModel` in float32 on the CPU; move it with ``.to()``.
@@ -477,6 +498,7 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
             apply_to_self_attention=apply_to_self_attention,
             source_slots=source_slots,
             source_guidance=source_guidance,
+            report_sources=list(report_sources or []),
         )
         for family, unet in unets.items():
             model._load_single_flow(family, unet)
@@ -710,8 +732,8 @@ class MedM2GMultiFlowModel(ModelMixin, ConfigMixin):
             if labels is not None:
                 extra["class_labels"] = labels
             others = [tokens_b for other, tokens_b in guidance.items() if other != key]
-            if self.config.source_guidance:
-                # The paper's route for a clean source: its context tokens at t = 0.
+            if self.config.source_guidance or is_text_family(family):
+                # The paper's route for a clean source (a report's only one): its context tokens at t = 0.
                 others += [
                     self._loaded(self.context_encoders, self.family_of(src), "context encoder")(latent, 0)
                     for src, latent in stream_sources.items()

@@ -30,6 +30,20 @@ from .pipeline_output import MedM2GPipelineOutput
 
 ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, Sequence[Union[PIL.Image.Image, np.ndarray, torch.Tensor]]]
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# Classifier-free guidance when a call does not set it: the paper's 2.0 for images; reports (text latents) are
+# guided harder, 3.0 chosen on the phantom validation split (docs/results/report-guidance.md).
+DEFAULT_GUIDANCE_SCALES = {"image": 2.0, "text": 3.0}
+
+
+def guidance_scales(guidance_scale: float | dict[str, float] | None, targets: Sequence[str]) -> dict[str, float]:
+    """Each target's classifier-free guidance scale: ``guidance_scale`` itself (a number, for every target), its
+    entry for the target (a dict), or the default of the target's kind (`DEFAULT_GUIDANCE_SCALES`)."""
+    defaults = {t: DEFAULT_GUIDANCE_SCALES["text" if t == "text" else "image"] for t in targets}
+    if guidance_scale is None:
+        return defaults
+    if isinstance(guidance_scale, dict):
+        return {t: float(guidance_scale.get(t, defaults[t])) for t in targets}
+    return {t: float(guidance_scale) for t in targets}
 
 
 @dataclass(frozen=True)
@@ -260,9 +274,12 @@ class MedM2GPipeline(DiffusionPipeline, MedM2GLoraLoaderMixin):
         encoders = encodable if conditions is None else _families_of(conditions, "conditions", encodable, "prompt encoders")
         components: dict[str, Any] = {}
         if targets is not None:
-            # A source_guidance model reads a clean image source through that family's context encoder V_S.
-            sources = [family for family in encoders if multiflow_config.get("source_guidance") and family != "text"
-                       and family in denoisable and family not in denoisers]
+            # A source_guidance model reads a clean image source through that family's context encoder V_S, and so
+            # does the text denoiser for the families of report_sources.
+            guided = [f for f in denoisable if f != "text"] if multiflow_config.get("source_guidance") else []
+            if "text" in denoisers:
+                guided += [f for f in multiflow_config.get("report_sources") or [] if f not in guided]
+            sources = [family for family in encoders if family in guided and family not in denoisers]
             components["multiflow"] = MedM2GMultiFlowModel.from_pretrained(
                 path, subfolder="multiflow", families=denoisers, source_families=sources, dtype=dtype
             )
@@ -454,10 +471,15 @@ class MedM2GPipeline(DiffusionPipeline, MedM2GLoraLoaderMixin):
             raise ValueError(f"num_inference_steps must be an integer in [1, {max_steps}] (this scheduler's training steps); got {num_inference_steps!r}")
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be a positive integer; got {num_images_per_prompt!r}")
-        # A Python number (np.float64 is one): it is also recorded in the JSON provenance.
-        if (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float))
-                or not np.isfinite(guidance_scale) or guidance_scale < 0):
-            raise ValueError(f"guidance_scale must be a finite Python int or float >= 0; got {guidance_scale!r}")
+        # Python numbers (np.float64 is one): they are also recorded in the JSON provenance.
+        scales = guidance_scale.values() if isinstance(guidance_scale, dict) else [] if guidance_scale is None else [guidance_scale]
+        if isinstance(guidance_scale, dict) and not set(guidance_scale) <= set(targets):
+            raise ValueError(f"guidance_scale keys must be targets of this call {list(targets)}; got {sorted(guidance_scale)}")
+        if any(isinstance(g, bool) or not isinstance(g, (int, float)) or not np.isfinite(g) or g < 0 for g in scales):
+            raise ValueError(
+                "guidance_scale must be a finite Python int or float >= 0, a dict of target -> such a number, or None "
+                f"(each target's default); got {guidance_scale!r}"
+            )
         if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
         if latents is not None and (not isinstance(latents, dict) or set(latents) - set(targets)):
@@ -529,7 +551,7 @@ class MedM2GPipeline(DiffusionPipeline, MedM2GLoraLoaderMixin):
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
-        guidance_scale: float = 2.0,
+        guidance_scale: float | dict[str, float] | None = None,
         num_images_per_prompt: int = 1,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -557,8 +579,11 @@ class MedM2GPipeline(DiffusionPipeline, MedM2GLoraLoaderMixin):
             negative_prompt (`str` or `list[str]`, *optional*): replaces the null condition of guidance.
             height, width (`int`, *optional*): output size; defaults to (and, with image conditions, must be)
                 the checkpoint's image size.
-            num_inference_steps (`int`, defaults to 50), guidance_scale (`float`, defaults to 2.0): DDIM steps and
-                classifier-free guidance weight (1 or less: no unconditional pass).
+            num_inference_steps (`int`, defaults to 50): DDIM steps.
+            guidance_scale (`float` or `dict[str, float]`, *optional*): classifier-free guidance weight, one for every
+                target or a dict of target -> weight (1 or less: that target's conditional prediction alone). A
+                target without one gets its kind's default: 2.0 for images, 3.0 for a report
+                (`DEFAULT_GUIDANCE_SCALES`; docs/results/report-guidance.md).
             num_images_per_prompt (`int`, defaults to 1): samples per prompt / condition.
             eta (`float`, defaults to 0.0): DDIM eta (ignored by schedulers without it).
             generator (`torch.Generator` or a list, one per sample): the randomness.
@@ -633,7 +658,10 @@ class MedM2GPipeline(DiffusionPipeline, MedM2GLoraLoaderMixin):
             tokens, latent = self.encode_image(key, images)
             encoded[key], sources[key] = self._repeat(tokens, num_images_per_prompt), latent.repeat_interleave(num_images_per_prompt, 0)
 
-        do_guidance = guidance_scale > 1.0
+        # One batch for every stream (the joint loop couples them), so the unconditional half runs when any target
+        # is guided; a target at scale <= 1 then takes its conditional half alone.
+        scales = guidance_scales(guidance_scale, targets)
+        do_guidance = any(scale > 1.0 for scale in scales.values())
         negative = None
         if do_guidance and negative_prompt is not None:
             negative = self._repeat(self.encode_prompt(negatives, max_text_tokens), num_images_per_prompt)
@@ -643,7 +671,7 @@ class MedM2GPipeline(DiffusionPipeline, MedM2GLoraLoaderMixin):
             if do_guidance:
                 condition = Condition.cat([negative if negative is not None else condition.null(), condition])
             stream_conditions[target] = condition
-            own = {key: latent for key, latent in sources.items() if target != "text" and key in self.multiflow.accepted_sources(MODALITIES[target].family)}
+            own = {key: latent for key, latent in sources.items() if key in self.multiflow.accepted_sources(MODALITIES[target].family)}
             stream_sources[target] = {key: torch.cat([latent, latent]) if do_guidance else latent for key, latent in own.items()}
 
         # 2. One scheduler copy per target (schedulers are stateful), all on the same timesteps.
@@ -683,7 +711,8 @@ class MedM2GPipeline(DiffusionPipeline, MedM2GLoraLoaderMixin):
                     prediction = predictions[target]
                     if do_guidance:
                         unconditional, conditional = prediction.chunk(2)
-                        prediction = unconditional + guidance_scale * (conditional - unconditional)
+                        prediction = (unconditional + scales[target] * (conditional - unconditional)
+                                      if scales[target] > 1.0 else conditional)
                     latents[target] = schedulers[target].step(prediction, t, latents[target], **extra_step_kwargs).prev_sample
 
                 if callback_on_step_end is not None:
@@ -705,7 +734,7 @@ class MedM2GPipeline(DiffusionPipeline, MedM2GLoraLoaderMixin):
                 "targets": targets,
                 "prompt": prompts[0][:500] if prompts else None,
                 "num_inference_steps": num_inference_steps,
-                "guidance_scale": guidance_scale,
+                "guidance_scale": scales[target],
                 "scheduler": type(self.scheduler).__name__,
                 "seed": seed,
                 "lora_adapters": self._call_adapters(adapter_names),

@@ -1,0 +1,91 @@
+"""Results-page scripts: measure_report_guidance.py (the scale is chosen on validation
+only), probe_xray_findings.py, measure_report_sources.py and write_benchmark_page.py's ablation times; each page
+comes from its JSON."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from training_scripts import load_script
+
+TYPES = ("pleural_effusion", "cardiomegaly", "nodule", "mass", "pneumothorax", "consolidation", "pacemaker")
+
+
+@pytest.fixture(scope="module")
+def guidance():
+    return load_script("scripts/measure_report_guidance.py")
+
+
+@pytest.fixture(scope="module")
+def probes():
+    return load_script("scripts/probe_xray_findings.py")
+
+
+def finding(micro: float) -> dict:
+    return {"micro_f1": micro, "macro_f1": micro - 0.05, "exact_match": 0.5, "per_type": {t: {"f1": micro} for t in TYPES}}
+
+
+def row(split: str, scale: float, micro: float) -> dict:
+    return {"split": split, "guidance_scale": scale, "n": 150,
+            "scores": {"bleu_1": 0.6, "bleu_4": 0.3, "rouge_l": 0.4, "finding": finding(micro)}}
+
+
+def test_the_scale_is_chosen_on_validation_never_on_test(guidance):
+    rows = [row("validation", 2.0, 0.60), row("validation", 3.0, 0.70), row("validation", 4.0, 0.70),
+            row("test", 2.0, 0.90), row("test", 3.0, 0.50)]
+    assert guidance.select_scale(rows) == 3.0  # the tie at 0.70 goes to the smaller scale; test rows never count
+    with pytest.raises(ValueError, match="validation"):
+        guidance.select_scale([row("test", 2.0, 0.9)])
+
+
+def test_guidance_page_marks_the_chosen_scale(guidance):
+    record = {"command": "python scripts/measure_report_guidance.py", "model": "medm2g-tiny", "machine": "x86_64", "threads": 1,
+              "seconds": 120.0, "chosen_scale": 3.0, "rows": [row("validation", 2.0, 0.6), row("validation", 3.0, 0.7), row("test", 3.0, 0.65)]}
+    text = "\n".join(guidance.page_lines(record))
+    assert "chosen on the validation split" in text and "**3**" in text
+    assert "| validation | 3 (chosen) | 150 | 0.600 | 0.300 | 0.400 | 0.700 | 0.650 | 0.500 |" in text
+    assert "| test | 3 (chosen) | 150 |" in text and "| validation | 2 | 0.60 | 0.60 |" in text
+
+
+def test_probe_page_lists_every_representation_and_type(probes):
+    record = {"command": "python scripts/probe_xray_findings.py --root r", "root": "r", "machine": "x86_64", "threads": 1,
+              "seconds": 60.0, "n_train": 1610, "n_test": 208,
+              "rows": [{"representation": name, "probe": probe, "finding": finding(0.5 + i / 10)}
+                       for i, (name, probe) in enumerate((n, p) for n in probes.REPRESENTATIONS for p in ("linear", "MLP 256"))]}
+    text = "\n".join(probes.page_lines(record))
+    assert "| prompt-encoder tokens | linear | 0.500 | 0.500 | 0.50 |" in text
+    assert "| pixels | MLP 256 | 1.000 |" in text and "1610 chest X-rays" in text and " | ".join(TYPES) in text
+
+
+def test_report_sources_page_has_both_splits_of_every_variant(tmp_path, monkeypatch):
+    sources = load_script("scripts/measure_report_sources.py")
+    scores = lambda micro: {"xray": {"n": 150, "bleu_4": 0.3, "finding": finding(micro)},  # noqa: E731
+                            "ct": {"n": 100, "finding": finding(0.4)}, "mri_t2": {"n": 100, "finding": finding(0.6)}}
+    record = {"command": "python scripts/measure_report_sources.py --root r", "root": "r", "steps": 1000, "machine": "x86_64",
+              "threads": 1, "seconds": 600.0,
+              "rows": [{"variant": name, "train_seconds": None if trains is None else 100.0,
+                        "scores": {"validation": scores(0.7), "test": scores(0.65)}} for name, trains in sources.VARIANTS.items()]}
+    text = "\n".join(sources.page_lines(record))
+    assert "| tokens only | - | validation | 0.700 | 0.500 | 0.300 | 0.400 | 0.600 |" in text
+    assert "| θ_c route + denoiser | 100 | test | 0.650 |" in text and "X-ray 150, CT 100, MRI 100" in text
+    monkeypatch.setattr(sys, "argv", ["m", "--root", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="has no"):  # nothing trains on a root without stages 0-2
+        sources.main()
+
+
+def test_ablation_times_are_tabulated_per_variant_and_stage():
+    page = load_script("scripts/write_benchmark_page.py")
+    log = "\n".join([
+        "[ablation.sh] python -m accelerate.commands.launch training/train_alignment.py --config c.yaml --set output_root=runs/ablation/ca --no-vi took 356 s",
+        "[ablation.sh] python -m accelerate.commands.launch training/train_ldm.py --config c.yaml --set output_root=runs/ablation/ca --family xray took 868 s",
+        "[ablation.sh] python scripts/export_single_flow_pipeline.py --root runs/ablation/ca --out runs/ablation/ca/pipeline_single_flow took 10 s",
+        "[ablation.sh] python -m accelerate.commands.launch training/train_multiflow.py --config c.yaml --set output_root=runs/ablation/ca took 140 s",
+        "a line that is not a timing",
+    ])
+    table = "\n".join(page.ablation_time_table(log))
+    assert "| ca | train_alignment | 356 |" in table and "| ca | train_ldm --family xray | 868 |" in table
+    assert "| ca | export_single_flow_pipeline | 10 |" in table and "| ca | train_multiflow | 140 |" in table
+    assert "| every variant | total | 1,374 (23 min) |" in table
+    assert page.ablation_time_table("nothing timed") == []
