@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import sys
 import time
@@ -22,11 +21,15 @@ from pathlib import Path
 
 import torch
 
-from medm2g_diffusers.evaluation import benchmark
-from medm2g_diffusers.evaluation.benchmark_tables import write_page_keeping_notes
-from medm2g_diffusers.evaluation.measure_scripts import add_page_arguments, made_by_line, rewrote_page_only
+from medm2g_diffusers.evaluation.measure_scripts import (
+    add_page_arguments,
+    made_by_line,
+    report_split,
+    rewrote_page_only,
+    score_reports,
+    write_record,
+)
 from medm2g_diffusers.pipelines import MedM2GPipeline
-from medm2g_diffusers.training_utils import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("validation", "test")
@@ -41,18 +44,13 @@ def select_scale(rows: list[dict]) -> float:
 
 
 def measure(pipe, data, scales: list[float], split: str) -> list[dict]:
-    cfg = dataclasses.replace(benchmark.BenchmarkConfig(), n_train=1)  # the training split is not used here
-    train, held_out = benchmark.load_splits(data, cfg, pipe.image_size, split=split)
+    cfg, held_out = report_split(pipe, data, split)
     rows = []
     for scale in scales:
         started = time.perf_counter()
-        # An empty training split: the nearest-neighbour baseline is not this page's question.
-        result = benchmark.evaluate_report_generation(
-            {"model": pipe}, train.select([]), held_out, dataclasses.replace(cfg, guidance_scale=scale), split, {}
-        )
-        scores = {k: v for k, v in result["model"].items() if k != "examples"}
-        rows.append({"split": split, "guidance_scale": scale, "n": result["n"], "scores": scores,
-                     "seconds": time.perf_counter() - started})
+        scores = score_reports(pipe, held_out, dataclasses.replace(cfg, guidance_scale=scale), split)
+        n = scores.pop("n")
+        rows.append({"split": split, "guidance_scale": scale, "n": n, "scores": scores, "seconds": time.perf_counter() - started})
         print(f"{split} guidance {scale:g}: micro finding F1 {scores['finding']['micro_f1']:.3f}", flush=True)
     return rows
 
@@ -107,8 +105,7 @@ def main() -> None:
     record = {"command": "python scripts/measure_report_guidance.py " + " ".join(sys.argv[1:]), "model": args.model,
               "machine": platform.machine(), "threads": args.threads, "seconds": time.perf_counter() - start,
               "chosen_scale": select_scale(rows), "rows": rows}
-    atomic_write_text(args.page.with_suffix(".json"), json.dumps(record, indent=2))
-    write_page_keeping_notes(args.page, page_lines(record))
+    write_record(args.page, record, page_lines)
     print(f"wrote {args.page}; chosen scale {record['chosen_scale']:g}")
 
 

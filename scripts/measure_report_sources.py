@@ -21,7 +21,6 @@ those too. Writes docs/results/report-sources.md and .json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import sys
@@ -31,8 +30,15 @@ from pathlib import Path
 import torch
 
 from medm2g_diffusers.evaluation import benchmark
-from medm2g_diffusers.evaluation.benchmark_tables import write_page_keeping_notes
-from medm2g_diffusers.evaluation.measure_scripts import add_page_arguments, made_by_line, rewrote_page_only, run_logged
+from medm2g_diffusers.evaluation.measure_scripts import (
+    add_page_arguments,
+    made_by_line,
+    report_split,
+    rewrote_page_only,
+    run_logged,
+    score_reports,
+    write_record,
+)
 from medm2g_diffusers.evaluation.finding_labeller import finding_f1, finding_types
 from medm2g_diffusers.pipelines import MedM2GPipeline
 from medm2g_diffusers.training_utils import atomic_write_text
@@ -76,9 +82,8 @@ def build(root: Path, folder: Path, train_denoiser: bool | None, args) -> tuple[
 def score(pipeline: Path, split: str) -> dict:
     pipe = MedM2GPipeline.from_pretrained(str(pipeline))
     pipe.set_progress_bar_config(disable=True)
-    cfg = dataclasses.replace(benchmark.BenchmarkConfig(), n_train=1)  # the training split is not used here
-    train, held_out = benchmark.load_splits(None, cfg, pipe.image_size, split=split)
-    report = benchmark.evaluate_report_generation({"model": pipe}, train.select([]), held_out, cfg, split, {})["model"]
+    cfg, held_out = report_split(pipe, None, split)
+    report = score_reports(pipe, held_out, cfg, split)
     scores = {"xray": {"n": report["n"], "bleu_4": report["bleu_4"], "finding": report["finding"]}}
     for key in OTHER_SOURCES:
         rows = benchmark.rows_with(held_out, [key, "report"], 100)
@@ -143,8 +148,7 @@ def main() -> None:
     record = {"command": "python scripts/measure_report_sources.py " + " ".join(sys.argv[1:]), "root": str(args.root),
               "steps": args.steps, "machine": platform.machine(), "threads": args.threads,
               "seconds": time.perf_counter() - start, "rows": rows}
-    atomic_write_text(args.page.with_suffix(".json"), json.dumps(record, indent=2))
-    write_page_keeping_notes(args.page, page_lines(record))
+    write_record(args.page, record, page_lines)
     print(f"wrote {args.page}")
 
 

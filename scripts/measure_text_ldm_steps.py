@@ -25,8 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from medm2g_diffusers.evaluation.benchmark_tables import write_page_keeping_notes
-from medm2g_diffusers.evaluation.measure_scripts import add_page_arguments, rewrote_page_only, run_logged
+from medm2g_diffusers.evaluation.measure_scripts import add_page_arguments, rewrote_page_only, run_logged, write_record
 from medm2g_diffusers.training_utils import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,8 +144,7 @@ def main() -> None:
              for label, overrides in variants for steps in sorted(set(args.variant_steps or args.steps))]
     record = {"command": "python scripts/measure_text_ldm_steps.py " + " ".join(sys.argv[1:]), "root": str(args.root),
               "machine": platform.machine(), "threads": args.threads, "seconds": time.perf_counter() - start, "rows": rows}
-    atomic_write_text(args.page.with_suffix(".json"), json.dumps(record, indent=2))
-    write_page_keeping_notes(args.page, page_lines(record))
+    write_record(args.page, record, page_lines)
     print(f"wrote {args.page}")
 
 

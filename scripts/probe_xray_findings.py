@@ -16,7 +16,6 @@ probes say what the 64 px images show at all. Writes docs/results/xray-probes.md
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -26,11 +25,9 @@ import numpy as np
 import torch
 
 from medm2g_diffusers.data.datasets import load_medm2g_dataset
-from medm2g_diffusers.evaluation.benchmark_tables import write_page_keeping_notes
-from medm2g_diffusers.evaluation.measure_scripts import add_page_arguments, made_by_line, rewrote_page_only
+from medm2g_diffusers.evaluation.measure_scripts import add_page_arguments, made_by_line, rewrote_page_only, write_record
 from medm2g_diffusers.evaluation.finding_labeller import finding_f1, label_report
 from medm2g_diffusers.latent_cache import encode_split
-from medm2g_diffusers.training_utils import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "training"))
@@ -118,8 +115,7 @@ def main() -> None:
     record = {"command": "python scripts/probe_xray_findings.py " + " ".join(sys.argv[1:]), "root": str(args.root),
               "machine": platform.machine(), "threads": args.threads, "seconds": time.perf_counter() - start,
               "n_train": len(train_y), "n_test": len(test_y), "rows": rows}
-    atomic_write_text(args.page.with_suffix(".json"), json.dumps(record, indent=2))
-    write_page_keeping_notes(args.page, page_lines(record))
+    write_record(args.page, record, page_lines)
     print(f"wrote {args.page}")
 
 

@@ -89,3 +89,17 @@ def test_ablation_times_are_tabulated_per_variant_and_stage():
     assert "| ca | export_single_flow_pipeline | 10 |" in table and "| ca | train_multiflow | 140 |" in table
     assert "| every variant | total | 1,374 (23 min) |" in table
     assert page.ablation_time_table("nothing timed") == []
+
+
+def test_write_record_makes_the_folder_and_keeps_the_notes(tmp_path):
+    import json
+
+    from medm2g_diffusers.evaluation.benchmark_tables import NOTES_MARKER
+    from medm2g_diffusers.evaluation.measure_scripts import write_record
+
+    page = tmp_path / "new" / "page.md"
+    write_record(page, {"value": 1}, lambda record: [f"# value {record['value']}"])
+    assert json.loads(page.with_suffix(".json").read_text()) == {"value": 1} and page.read_text().startswith("# value 1\n")
+    page.write_text(page.read_text() + "my reading\n")
+    write_record(page, {"value": 2}, lambda record: [f"# value {record['value']}"])
+    assert page.read_text().startswith("# value 2\n" + NOTES_MARKER) and page.read_text().endswith("my reading\n")

@@ -348,9 +348,9 @@ def trainable_for(model: MedM2GMultiFlowModel, round_: dict[str, Any]) -> list[t
 
 
 def trains_denoiser(model: MedM2GMultiFlowModel, round_: dict[str, Any]) -> bool:
-    """Whether a round trains its target's whole denoiser (at ``denoiser_learning_rate``): a translation round
-    into source slots must (the widened first convolution learns to read them); one through θ_c only
-    (V_S(z_0), a report's route) trains V_S and θ_c unless it sets ``train_denoiser: true``."""
+    """Whether a round trains its target's whole denoiser (at ``denoiser_learning_rate``). ``train_denoiser`` decides;
+    by default a translation round into source slots does (the widened first convolution must learn to read them)
+    and one through θ_c only (V_S(z_0), a report's route) trains just V_S and θ_c."""
     if round_["kind"] != "translation":
         return False
     return bool(round_.get("train_denoiser", bool(model.source_slots_of(round_["target"]))))

@@ -7,8 +7,9 @@
 #   ca_vi     + visual invariant (Barlow Twins) in the alignment
 #   all       ca_vi + cross-guided generation
 # Budgets (training/configs/ablation.yaml): alignment 600 steps; tiny.yaml's stage-2 recipe with the X-ray LDM at
-# its 1,000 steps and the text LDM at 3,000 of its 12,000; stage 3 150 steps of V/f/θ_c only. Every variant gets the same LDM budget; the two cross-guided ones get their 150 extra steps
-# of the cross-guided sublayers on top (the method's own cost). Wall times go to runs/ablation/recipe_times.log.
+# its 1,000 steps and the text LDM at 3,000 of its 12,000; stage 3 150 steps of V/f/θ_c only. Every variant gets
+# the same LDM budget; the two cross-guided ones get their 150 extra steps of the cross-guided sublayers on top
+# (the method's own cost). Wall times go to runs/ablation/recipe_times.log.
 #   bash training/recipes/ablation.sh      # then: bash training/recipes/ablation.sh evaluate
 set -euo pipefail
 cd "$(dirname "$0")/../.."

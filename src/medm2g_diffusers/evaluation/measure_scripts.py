@@ -8,6 +8,7 @@ subprocesses with a fixed thread count.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,6 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from . import benchmark
+from ..training_utils import atomic_write_text
 from .benchmark_tables import write_page_keeping_notes
 
 
@@ -33,11 +36,33 @@ def rewrote_page_only(args: argparse.Namespace, page_lines: Callable[[dict], lis
     return True
 
 
+def write_record(page: Path, record: dict, page_lines: Callable[[dict], list[str]]) -> None:
+    """Writes ``record`` as the JSON beside ``page`` and the page's tables from it (keeping its hand-written notes);
+    the page's folder is made if needed."""
+    page.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(page.with_suffix(".json"), json.dumps(record, indent=2))
+    write_page_keeping_notes(page, page_lines(record))
+
+
 def made_by_line(record: dict, json_name: str) -> str:
     """A page's first line: the command that made it (``record["command"]``), machine, threads and minutes."""
     threads = record["threads"]
     return (f"Made by `{record['command']}` ({record['machine']}, {threads} torch thread{'s' if threads != 1 else ''}; "
             f"{record['seconds'] / 60:.0f} min). Raw numbers: `{json_name}`.")
+
+
+def report_split(pipe, data, split: str):
+    """``(cfg, held_out)``: the benchmark's config and held-out split for scoring reports alone (the training split,
+    which only the nearest-neighbour baseline and the classifiers need, is not built)."""
+    cfg = dataclasses.replace(benchmark.BenchmarkConfig(), n_train=1)
+    return cfg, benchmark.load_splits(data, cfg, pipe.image_size, split=split)[1]
+
+
+def score_reports(pipe, held_out, cfg, split: str) -> dict:
+    """X-ray -> report with the benchmark's protocol (rows, seeds, metrics), without the nearest-neighbour baseline
+    or the examples: the scores of ``evaluate_report_generation`` and its ``n``."""
+    result = benchmark.evaluate_report_generation({"model": pipe}, held_out.select([]), held_out, cfg, split, {})
+    return {"n": result["n"], **{k: v for k, v in result["model"].items() if k != "examples"}}
 
 
 def run_logged(cmd: list[str], log: Path, threads: int, cwd: Path) -> float:
