@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import pytest
 import torch
@@ -31,8 +33,26 @@ def _metrics(exact, f1):
 
 
 def test_page_has_a_row_per_modality_and_anatomy_with_the_drop(script):
-    results = {"rows": {"ct/head": {"modality": "ct", "anatomy": "head", "n": 192, "real": _metrics(0.781, 0.82),
-                                    "reconstructed": _metrics(0.224, 0.58)}}}
+    results = {"vaes": {"medm2g-tiny": "checkpoints/medm2g-tiny/vae"},
+               "rows": {"ct/head": {"modality": "ct", "anatomy": "head", "n": 192, "real": _metrics(0.781, 0.82),
+                                    "reconstructed": {"medm2g-tiny": _metrics(0.224, 0.58)}, "psnr": {"medm2g-tiny": 30.03}}}}
     lines = script.page_lines(results, "python scripts/measure_vae_findings.py", "x86_64")
-    assert "| ct | head | 192 | 0.781 | 0.224 | tumour 0.82 -> 0.58 |" in lines
+    assert "| ct | head | 192 | 0.781 | 0.224 | 30.03 | tumour 0.82 -> 0.58 |" in lines
     assert not any("nodule" in line for line in lines)  # a type with no F1 on real images is left out
+
+
+def test_page_compares_several_vaes_column_by_column(script):
+    results = {"vaes": {"4ch": "a/vae", "8ch": "b/vae"},
+               "rows": {"ct/head": {"modality": "ct", "anatomy": "head", "n": 192, "real": _metrics(0.781, 0.82),
+                                    "reconstructed": {"4ch": _metrics(0.224, 0.58), "8ch": _metrics(0.6, 0.7)},
+                                    "psnr": {"4ch": 30.0, "8ch": 33.5}}}}
+    lines = script.page_lines(results, "python scripts/measure_vae_findings.py", "x86_64")
+    assert "| ct | head | 192 | 0.781 | 0.224 | 0.600 | 30.00 | 33.50 | tumour 0.82 -> 0.58 / 0.70 |" in lines
+    assert any("exact-set: reconstructed (8ch)" in line for line in lines)
+
+
+def test_vae_argument_is_a_folder_or_a_named_folder(script):
+    assert script.parse_vae("checkpoints/medm2g-tiny/vae") == ("medm2g-tiny", "checkpoints/medm2g-tiny/vae")
+    assert script.parse_vae("8ch=runs/lat8/vae") == ("8ch", "runs/lat8/vae")
+    with pytest.raises(argparse.ArgumentTypeError, match="NAME=DIR"):
+        script.parse_vae("=runs/lat8/vae")
