@@ -1,12 +1,25 @@
-"""The helpers of the results pages (paired differences, the joint table), against hand-computed values."""
+"""The helpers of the results pages (paired differences, the joint and image -> image tables, the VAE ceiling), against
+hand-computed values."""
 
 from __future__ import annotations
 
 import math
+import types
 
+import numpy as np
 import pytest
+import torch
 
-from medm2g_diffusers.evaluation.benchmark_tables import guidance_text, joint_table, paired_difference, paired_reading, paired_table
+from medm2g_diffusers.evaluation.benchmark import vae_ceiling
+from medm2g_diffusers.evaluation.benchmark_tables import (
+    guidance_text,
+    image_to_image_table,
+    joint_table,
+    paired_difference,
+    paired_reading,
+    paired_table,
+    text_to_image_table,
+)
 
 
 def test_paired_difference_hand_checked():
@@ -57,3 +70,46 @@ def test_joint_table_shows_how_many_patients_have_a_shared_finding_beside_the_ag
 def test_the_header_states_the_guidance_a_run_used():
     assert guidance_text(2.0) == "2.0"  # a run that set one scale (every run before per-target defaults)
     assert guidance_text(None) == "2.0 for images and 3.0 for reports"  # the pipeline's per-target defaults
+
+
+def test_image_to_image_table_has_the_vae_ceiling_column_when_the_run_measured_it():
+    scores = lambda psnr, ssim: {"psnr_mean": psnr, "ssim_mean": ssim}  # noqa: E731
+    entry = {"n": 2, "protocol": "display range", "m": scores(19.5, 0.76), "copy_source": scores(17.6, 0.49), "skipped": {}}
+    results = {"model": "m", "baselines": [], "image_to_image": {"T2+PD -> T1": dict(entry)}}
+    assert "| task | n | m | copy the source |" in image_to_image_table(results)  # an older run: no ceiling column
+    results["image_to_image"]["T2+PD -> T1"]["vae_ceiling"] = {**scores(24.2, 0.9), "model": "m"}
+    lines = image_to_image_table(results)
+    assert "| task | n | m | copy the source | target through m's VAE (ceiling) |" in lines
+    assert "| T2+PD -> T1 | 2 | 19.50 / 0.760 | 17.60 / 0.490 | 24.20 / 0.900 |" in lines
+    assert any("Ceiling: the target images through m's image VAE" in line for line in lines)
+
+
+class _IdentityVAE(torch.nn.Module):
+    """encode/decode that return their input: the ceiling of a perfect autoencoder."""
+
+    def encode(self, x):
+        return types.SimpleNamespace(latent_dist=types.SimpleNamespace(mean=x))
+
+    def decode(self, z):
+        return types.SimpleNamespace(sample=z)
+
+
+def test_vae_ceiling_uses_the_first_pipeline_with_a_vae_and_none_without_one():
+    real = np.random.default_rng(0).uniform(0, 1, (3, 8, 8)).astype(np.float32)
+    pipes = {"regression": types.SimpleNamespace(), "m": types.SimpleNamespace(vae=_IdentityVAE())}
+    ceiling = vae_ceiling(pipes, real)
+    assert ceiling["model"] == "m" and ceiling["n"] == 3
+    assert ceiling["ssim_mean"] == pytest.approx(1.0) and ceiling["psnr_mean"] > 60  # a perfect VAE scores at float precision
+    assert vae_ceiling({"regression": types.SimpleNamespace()}, real) is None
+
+
+def test_text_to_image_table_has_the_classifier_through_the_vae_beside_the_classifier_on_real():
+    finding = lambda exact, macro: {"exact_set_accuracy": exact, "macro_f1": macro}  # noqa: E731
+    entry = {"n": 64, "classifier_on_real": finding(0.797, 0.774), "skipped": {},
+             "m": {"finding": finding(0.281, 0.297), "ms_ssim_diversity": {"ms_ssim": 0.884, "protocol": "p"}}}
+    results = {"model": "m", "baselines": [], "text_to_image": {"ct": dict(entry)}}
+    assert "ceiling" not in "".join(text_to_image_table(results))  # an older run: the old columns
+    results["text_to_image"]["ct"]["classifier_on_vae_ceiling"] = {**finding(0.42, 0.5), "model": "m"}
+    lines = text_to_image_table(results)
+    assert any(line.endswith("| classifier on real: exact / macro F1 | classifier on real through m's VAE (ceiling) |") for line in lines)
+    assert "| ct | m | 64 | – | 0.884 | 0.281 | 0.297 | 0.797 / 0.774 | 0.420 / 0.500 |" in lines

@@ -37,15 +37,19 @@ def test_quick_evaluate_writes_every_table(evaluated, capsys):
     for target, entry in results["text_to_image"].items():
         assert entry["n"] > 0 and 0.0 <= entry["tiny"]["finding"]["exact_set_accuracy"] <= 1.0
         assert entry["tiny"]["finding"] == entry["copy"]["finding"]
+        assert entry["classifier_on_vae_ceiling"]["model"] == "tiny" and 0.0 <= entry["classifier_on_vae_ceiling"]["exact_set_accuracy"] <= 1.0
     translations = results["image_to_image"]
     assert "tiny" not in translations["MRI (T1+T2+FLAIR) -> CT"]  # the tiny CT denoiser has no FLAIR slot
     assert translations["T2+PD -> T1"]["tiny"]["psnr_mean"] > 0 and translations["T2+PD -> T1"]["copy_source"]["n"] > 0
+    ceiling = translations["T2+PD -> T1"]["vae_ceiling"]  # the target through the model's own VAE
+    assert ceiling["model"] == "tiny" and ceiling["n"] == translations["T2+PD -> T1"]["n"] and ceiling["psnr_mean"] > 0
     assert set(results["joint"]) == {"chest", "head"} and "tiny/joint" in results["joint"]["chest"]
     assert results["augmentation"]["n_real"] == 16 and 0 < results["augmentation"]["n_generated"] <= 8
     tables = (root / "out" / "benchmark.md").read_text()
     for heading in ("Report generation", "Text -> image", "Image -> image", "Joint generation", "Data augmentation"):
         assert heading in tables
     assert "| T1+T2+FLAIR -> PD |" in tables and "cannot" in tables
+    assert "target through tiny's VAE (ceiling)" in tables
 
 
 def test_classifiers_are_cached_and_reused(evaluated, tmp_path):

@@ -55,7 +55,7 @@ from .finding_classifier import (
     finding_labels,
 )
 from .finding_labeller import finding_f1, finding_types
-from .image_metrics import frechet_inception_distance, ms_ssim_betas, ms_ssim_diversity, psnr_ssim
+from .image_metrics import frechet_inception_distance, ms_ssim_betas, ms_ssim_diversity, psnr_ssim, vae_reconstruct
 from .report_metrics import report_generation_metrics
 from .train_finding_classifier import train_finding_classifier
 
@@ -81,7 +81,8 @@ FID_FEATURES = 2048  # below this many images the Inception covariance is rank-d
 # Names a pipeline cannot have: they are keys of the task entries beside the pipelines' scores.
 RESERVED_NAMES = frozenset({
     "n", "split", "skipped", "task", "sources", "target", "targets", "protocol", "prompts", "pairs", "real", "pool",
-    "copy_source", "nearest_neighbour", "labeller_on_references", "classifier_on_real",
+    "copy_source", "vae_ceiling", "nearest_neighbour", "labeller_on_references", "classifier_on_real",
+    "classifier_on_vae_ceiling",
 })
 SHORT_NAMES = {"xray": "X-ray", "ct": "CT", "mri_t1": "T1", "mri_t2": "T2", "mri_pd": "PD", "mri_flair": "FLAIR", "mri_t1c": "T1c"}
 
@@ -415,6 +416,11 @@ def evaluate_text_to_image(pipes: dict, test, cfg: BenchmarkConfig, classifiers:
             types = classifier_types(target)
             labels = finding_labels(rows["findings"], types)
             entry["classifier_on_real"] = summary(classifier_metrics(classifiers[target].predict_probabilities(real * 2 - 1), labels, types))
+            vae_owner, reconstructed = through_vae(pipes, real)
+            if vae_owner is not None:  # the findings a latent model on this VAE could at best be scored as drawing
+                entry["classifier_on_vae_ceiling"] = {
+                    **summary(classifier_metrics(classifiers[target].predict_probabilities(reconstructed * 2 - 1), labels, types)),
+                    "model": vae_owner}
         for name, pipe in pipes.items():
             reason = unsupported(pipe, target)
             if reason is not None:
@@ -443,8 +449,30 @@ def evaluate_text_to_image(pipes: dict, test, cfg: BenchmarkConfig, classifiers:
     return results
 
 
+@torch.no_grad()
+def through_vae(pipes: dict, real: np.ndarray) -> tuple[str | None, np.ndarray | None]:
+    """``real`` images through the first pipeline's image VAE, ``decode(encode(x))`` with the posterior mean.
+
+    ``real`` is `(N, H, W)` in the display range [0, 1], which is the model range [-1, 1] shifted and halved for every
+    modality (`data.preview.display_range`); so is the result: what a latent model would output had it recovered the
+    target's own latent exactly (the ceiling columns; not a strict bound, since another latent could decode closer).
+    ``(None, None)`` when no pipeline has an image VAE (e.g. only regression baselines).
+    """
+    name = next((n for n, pipe in pipes.items() if getattr(pipe, "vae", None) is not None), None)
+    if name is None:
+        return None, None
+    return name, (vae_reconstruct(pipes[name].vae, real * 2.0 - 1.0) + 1.0) / 2.0
+
+
+def vae_ceiling(pipes: dict, real: np.ndarray) -> dict | None:
+    """PSNR/SSIM of :func:`through_vae` against ``real`` (None without an image VAE)."""
+    name, reconstructed = through_vae(pipes, real)
+    return None if name is None else {**psnr_ssim(reconstructed, real), "model": name}
+
+
 def evaluate_image_to_image(pipes: dict, test, cfg: BenchmarkConfig, translations: Sequence[tuple[str, list[str], str]], split: str) -> dict:
-    """PSNR/SSIM of every pipeline that can do each task (each has held-out rows), beside copying the first source."""
+    """PSNR/SSIM of every pipeline that can do each task (each has held-out rows), beside copying the first source
+    and beside the target through the first pipeline's VAE (the ceiling of a latent model on it)."""
     results = {}
     size = image_side(test)
     for task, sources, target in translations:
@@ -452,6 +480,9 @@ def evaluate_image_to_image(pipes: dict, test, cfg: BenchmarkConfig, translation
         real = display(rows, target)
         entry = {"sources": sources, "target": target, "n": rows.num_rows, "split": split, "protocol": DISPLAY_PROTOCOL,
                  "copy_source": psnr_ssim(display(rows, sources[0]), real), "skipped": {}}
+        ceiling = vae_ceiling(pipes, real)
+        if ceiling is not None:
+            entry["vae_ceiling"] = ceiling
         for name, pipe in pipes.items():
             reason = unsupported(pipe, target, sources, size)
             if reason is not None:

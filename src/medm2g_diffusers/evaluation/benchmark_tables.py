@@ -53,17 +53,23 @@ def text_to_image_table(results: dict) -> list[str]:
     findings = any("classifier_on_real" in entry for entry in entries.values())
     title = ("held-out reports; finding accuracy by classifiers trained on real phantoms only" if findings
              else f"reports of the {_held_out(results)}; no ground-truth findings: no finding accuracy")
+    # Runs before the VAE-ceiling column existed have no "classifier_on_vae_ceiling": their tables keep the old columns.
+    vae_owner = next((e["classifier_on_vae_ceiling"]["model"] for e in entries.values() if "classifier_on_vae_ceiling" in e), None)
+    ceiling = [f"classifier on real through {vae_owner}'s VAE (ceiling)"] if findings and vae_owner else []
+    columns = ["finding exact-set accuracy", "finding macro F1", "classifier on real: exact / macro F1"] if findings else []
+    columns += ceiling
     lines = [f"### Text -> image ({title})", "",
-             "| modality | method | n | FID ↓ | MS-SSIM diversity ↓ |" + (" finding exact-set accuracy | finding macro F1 | classifier on real: exact / macro F1 |" if findings else ""),
-             "| --- | --- | --- | --- | --- |" + (" --- | --- | --- |" if findings else "")]
+             "| modality | method | n | FID ↓ | MS-SSIM diversity ↓ |" + "".join(f" {c} |" for c in columns),
+             "| --- | --- | --- | --- | --- |" + " --- |" * len(columns)]
+    pair = lambda m: f"{_f(m['exact_set_accuracy'])} / {_f(m['macro_f1'])}"  # noqa: E731
     for target, entry in entries.items():
         for name in _methods(results, entry):
             m = entry[name]
             line = f"| {target} | {name} | {entry['n']} | {_f(m['fid']['fid'] if 'fid' in m else None, 1)} | {_f(m['ms_ssim_diversity']['ms_ssim'])} |"
             if findings:
-                real = entry["classifier_on_real"]
-                line += (f" {_f(m['finding']['exact_set_accuracy'])} | {_f(m['finding']['macro_f1'])} | "
-                         f"{_f(real['exact_set_accuracy'])} / {_f(real['macro_f1'])} |")
+                line += f" {_f(m['finding']['exact_set_accuracy'])} | {_f(m['finding']['macro_f1'])} | {pair(entry['classifier_on_real'])} |"
+            if ceiling:
+                line += f" {pair(entry['classifier_on_vae_ceiling']) if 'classifier_on_vae_ceiling' in entry else '–'} |"
             lines.append(line)
     scored = [entry[name] for entry in entries.values() for name in _methods(results, entry)]
     fid = next((m["fid"] for m in scored if "fid" in m), None)
@@ -72,24 +78,38 @@ def text_to_image_table(results: dict) -> list[str]:
     diversity = next((m["ms_ssim_diversity"] for m in scored), None)
     if diversity is not None:
         lines += ["", f"Diversity: {diversity.get('protocol', '')}"]
+    if ceiling:
+        lines += ["", (f"Ceiling: the classifier on the same real images after {vae_owner}'s image VAE, decode(encode(x)) with the "
+                       "posterior mean: what a denoiser that recovered each target's own latent exactly would score. A finding lost "
+                       "there is one a latent model on that VAE is unlikely to be scored as drawing.")]
     return lines + _cannot(results, entries) + [""]
 
 
 def image_to_image_table(results: dict) -> list[str]:
     names = [results["model"], *results["baselines"]]
     where = "held-out patients" if results.get("findings", True) else f"rows of the {_held_out(results)}"
+    entries = results["image_to_image"]
+    # Runs before the ceiling column existed have no "vae_ceiling": their tables keep the old columns.
+    vae_owner = next((e["vae_ceiling"]["model"] for e in entries.values() if "vae_ceiling" in e), None)
+    extra = [] if vae_owner is None else [f"target through {vae_owner}'s VAE (ceiling)"]
     lines = [f"### Image -> image (PSNR dB / SSIM on {where})", "",
-             "| task | n | " + " | ".join(names) + " | copy the source |",
-             "| --- | --- | " + " | ".join("---" for _ in names) + " | --- |"]
+             "| task | n | " + " | ".join(names + ["copy the source"] + extra) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in names + ["copy the source"] + extra) + " |"]
     protocol = ""
-    for task, entry in results["image_to_image"].items():
-        cells = [f"{_f(entry[n]['psnr_mean'], 2)} / {_f(entry[n]['ssim_mean'])}" if n in entry else "cannot" for n in names]
-        copy = entry["copy_source"]
-        lines.append(f"| {task} | {entry['n']} | " + " | ".join(cells) + f" | {_f(copy['psnr_mean'], 2)} / {_f(copy['ssim_mean'])} |")
+    score = lambda m: f"{_f(m['psnr_mean'], 2)} / {_f(m['ssim_mean'])}"  # noqa: E731
+    for task, entry in entries.items():
+        cells = [score(entry[n]) if n in entry else "cannot" for n in names] + [score(entry["copy_source"])]
+        if extra:
+            cells.append(score(entry["vae_ceiling"]) if "vae_ceiling" in entry else "–")
+        lines.append(f"| {task} | {entry['n']} | " + " | ".join(cells) + " |")
         protocol = entry["protocol"]
     one_pass = [n for n, p in results.get("pipelines", {}).items() if p["class"] == "MedM2GRegressionPipeline"]
     note = f" {', '.join(one_pass)}: one forward pass (no sampling steps, no guidance)." if one_pass else ""
-    return lines + ["", f"Protocol: {protocol}.{note}"] + _cannot(results, results["image_to_image"]) + [""]
+    if extra:
+        note += (f" Ceiling: the target images through {vae_owner}'s image VAE, decode(encode(x)) with the posterior mean: what"
+                 " a denoiser that recovered the target's own latent exactly would score (not a strict bound, since another"
+                 " latent could decode closer, but the one a latent model is trained towards).")
+    return lines + ["", f"Protocol: {protocol}.{note}"] + _cannot(results, entries) + [""]
 
 
 def paired_difference(a, b) -> tuple[float, float]:
