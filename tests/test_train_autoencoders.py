@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from diffusers import AutoencoderKL
+from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
 from medm2g_diffusers.data.datasets import build_phantom_dataset, save_dataset
@@ -115,3 +116,26 @@ def test_all_components_train_save_and_resume_reproducibly(config_path):
 def test_text_vae_alone_needs_a_tokenizer(config_path, tmp_path):
     with pytest.raises(FileNotFoundError, match="--component tokenizer"):
         train_autoencoders.main(["--config", str(config_path), "--component", "text_vae", "--output_dir", str(tmp_path)])
+
+
+def test_random_crops_are_windows_of_each_image_drawn_from_the_step_generator():
+    pixels = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8)
+    crops = train_autoencoders.random_crops(pixels, 4, torch.Generator().manual_seed(0))
+    assert crops.shape == (2, 1, 4, 4)
+    for i in range(2):  # each crop is a contiguous window of its own image
+        top, left = divmod(int(crops[i, 0, 0, 0] - pixels[i, 0, 0, 0]), 8)
+        assert torch.equal(crops[i], pixels[i, :, top : top + 4, left : left + 4])
+    again = train_autoencoders.random_crops(pixels, 4, torch.Generator().manual_seed(0))
+    assert torch.equal(crops, again)  # a function of the step's generator only
+
+
+def test_image_vae_trains_on_crops_and_validates_on_whole_images(config_path, tmp_path):
+    out = tmp_path / "crops"
+    results = train_autoencoders.main(["--config", str(config_path), "--component", "vae", "--output_dir", str(out),
+                                       "--set", "image_vae.crop_size=16", "--set", "image_vae.max_train_steps=2"])
+    assert all(np.isfinite(results["vae"]["losses"])) and len(results["vae"]["losses"]) == 2
+    grid = Image.open(out / "validation" / "vae" / "final-test" / "reconstruction-ct.png")
+    assert grid.height == 2 * SIZE  # the validation grid holds whole images, not crops
+    with pytest.raises(ValueError, match="image_vae.crop_size"):
+        train_autoencoders.main(["--config", str(config_path), "--component", "vae", "--output_dir", str(tmp_path / "bad"),
+                                 "--set", "image_vae.crop_size=7"])  # not divisible by the VAE's factor 2

@@ -106,6 +106,19 @@ class ImageSamples(torch.utils.data.Dataset):
         return [i for i, (_, k) in enumerate(self.items) if k == key]
 
 
+def random_crops(pixels: torch.Tensor, crop: int, generator: torch.Generator) -> torch.Tensor:
+    """One ``crop x crop`` window per image of ``(B, C, H, W)`` at a position drawn from ``generator`` (the step's).
+
+    A convolutional VAE learns the same local maps from windows as from whole images at a fraction of the cost per
+    image (Stable Diffusion's autoencoder trained on 256 px crops); validation and the latents of later stages
+    still use whole images.
+    """
+    batch, _, height, width = pixels.shape
+    tops = torch.randint(0, height - crop + 1, (batch,), generator=generator).tolist()
+    lefts = torch.randint(0, width - crop + 1, (batch,), generator=generator).tolist()
+    return torch.stack([pixels[i, :, t : t + crop, l : l + crop] for i, (t, l) in enumerate(zip(tops, lefts))])
+
+
 def collate_images(examples: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
@@ -418,10 +431,16 @@ def train_image_vae(args, config: dict[str, Any], dataset, output_root: Path) ->
         collate_fn=collate_images,
         num_workers=section.get("dataloader_num_workers", 0),
     )
-    num_pixels = size * size
+    crop = section.get("crop_size")
+    if crop is not None and (not isinstance(crop, int) or isinstance(crop, bool) or not 0 < crop <= size or crop % 2 ** (num_blocks - 1)):
+        raise ValueError(f"image_vae.crop_size must be a positive int <= data.size ({size}) divisible by the VAE's downsampling "
+                         f"factor {2 ** (num_blocks - 1)}, or null for whole images; got {crop!r}")
+    num_pixels = (crop or size) ** 2
 
     def compute_loss(batch, generator):
         pixels = batch["pixel_values"].to(accelerator.device)
+        if crop is not None and crop < size:
+            pixels = random_crops(pixels, crop, generator)
         decoded, kl = step_model(pixels, generator)
         # SD's weighting: L1 and KL both summed per sample; dividing by the pixel count only rescales the lr.
         l1 = F.l1_loss(decoded.float(), pixels.float(), reduction="none").sum((1, 2, 3)).mean()
