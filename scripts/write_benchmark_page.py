@@ -3,6 +3,11 @@
     python scripts/write_benchmark_page.py --main runs/tiny/evaluate/benchmark.json \
         --ablation runs/ablation/evaluate/benchmark.json --out docs/results/benchmark.md
 
+Other results pages built from `medm2g evaluate` runs use the same writer with their own title and sections:
+
+    python scripts/write_benchmark_page.py --title "..." --heading "test split" --main test.json \
+        --also "validation split=validation.json" --out docs/results/page.md
+
 Everything above the notes marker is regenerated; the hand-written reading of the tables below it is kept.
 """
 
@@ -36,21 +41,34 @@ def ablation_time_table(log: str) -> list[str]:
             f"| every variant | total | {total:,} ({total / 60:.0f} min) |", ""]
 
 
+def run_section(heading: str, results: dict) -> list[str]:
+    """One run: its heading, the `medm2g evaluate` command that made it and its tables."""
+    return [f"## {heading}", "", f"```bash\n{evaluate_command(results)}\n```", "", markdown_tables(results)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--main", required=True, help="benchmark.json of the full run on medm2g-tiny")
     parser.add_argument("--ablation", default=None, help="benchmark.json of training/recipes/ablation.sh evaluate")
     parser.add_argument("--ablation_times", default=None,
                         help="ablation.sh's recipe_times.log (default: beside the ablation run, two folders above its JSON)")
+    parser.add_argument("--also", action="append", default=[], metavar="HEADING=JSON",
+                        help="another run's benchmark.json, as a section after the main one (repeatable)")
+    parser.add_argument("--title", default="The phantom benchmark")
+    parser.add_argument("--heading", default="medm2g-tiny against the same checkpoint's stage-2 LDMs", help="the main run's section")
     parser.add_argument("--out", default="docs/results/benchmark.md")
     args = parser.parse_args()
 
     out = Path(args.out)
     main_results = json.loads(Path(args.main).read_text())
-    lines = ["# The phantom benchmark", "",
+    lines = [f"# {args.title}", "",
              "Made by `scripts/write_benchmark_page.py` from the JSON of the runs below (rerun them to reproduce).", "",
-             "## medm2g-tiny against the same checkpoint's stage-2 LDMs", "",
-             f"```bash\n{evaluate_command(main_results)}\n```", "", markdown_tables(main_results)]
+             *run_section(args.heading, main_results)]
+    for item in args.also:
+        heading, sep, path = item.rpartition("=")
+        if not sep or not heading:
+            parser.error(f"--also expects HEADING=JSON; got {item!r}")
+        lines += run_section(heading, json.loads(Path(path).read_text()))
     if args.ablation:
         ablation = json.loads(Path(args.ablation).read_text())
         lines += ["## Ablation (text <-> X-ray, every variant retrained on one budget: `training/recipes/ablation.sh`)", "",

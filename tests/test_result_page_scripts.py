@@ -5,6 +5,7 @@ comes from its JSON."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +104,18 @@ def test_write_record_makes_the_folder_and_keeps_the_notes(tmp_path):
     page.write_text(page.read_text() + "my reading\n")
     write_record(page, {"value": 2}, lambda record: [f"# value {record['value']}"])
     assert page.read_text().startswith("# value 2\n" + NOTES_MARKER) and page.read_text().endswith("my reading\n")
+
+
+def test_benchmark_page_writer_takes_a_title_and_more_runs(tmp_path, monkeypatch):
+    page = load_script("scripts/write_benchmark_page.py")
+    results = Path(__file__).resolve().parents[1] / "docs" / "results" / "benchmark.json"
+    out = tmp_path / "page.md"
+    monkeypatch.setattr(sys, "argv", ["w", "--main", str(results), "--title", "A probe", "--heading", "test split",
+                                      "--also", f"validation split={results}", "--out", str(out)])
+    page.main()
+    text = out.read_text()
+    assert text.startswith("# A probe\n") and "## test split\n" in text and "## validation split\n" in text
+    assert text.count("```bash\nmedm2g evaluate --model medm2g-tiny") == 2  # each run with the command that made it
+    monkeypatch.setattr(sys, "argv", ["w", "--main", str(results), "--also", str(results), "--out", str(out)])
+    with pytest.raises(SystemExit):  # --also needs a heading
+        page.main()
