@@ -24,6 +24,7 @@ import torch
 from medm2g_diffusers.evaluation.measure_scripts import (
     add_page_arguments,
     made_by_line,
+    per_type_f1_table,
     report_split,
     rewrote_page_only,
     score_reports,
@@ -76,12 +77,9 @@ def page_lines(record: dict) -> list[str]:
         mark = " (chosen)" if row["guidance_scale"] == chosen else ""
         lines.append(f"| {row['split']} | {row['guidance_scale']:g}{mark} | {row['n']} | {s['bleu_1']:.3f} | {s['bleu_4']:.3f} | "
                      f"{s['rouge_l']:.3f} | {f['micro_f1']:.3f} | {f['macro_f1']:.3f} | {f['exact_match']:.3f} |")
-    lines += ["", "Per finding type (F1):", "", "| split | guidance | " + " | ".join(types) + " |",
-              "| --- | --- |" + " --- |" * len(types)]
-    for row in rows:
-        per_type = row["scores"]["finding"]["per_type"]
-        lines.append(f"| {row['split']} | {row['guidance_scale']:g} | "
-                     + " | ".join(f"{per_type[t]['f1']:.2f}" if t in per_type else "-" for t in types) + " |")
+    lines += ["", "Per finding type (F1):", ""]
+    lines += per_type_f1_table(["split", "guidance"], [([row["split"], f"{row['guidance_scale']:g}"], row["scores"]["finding"]["per_type"])
+                                                       for row in rows], types)
     return lines
 
 

@@ -25,7 +25,13 @@ import sys
 import time
 from pathlib import Path
 
-from medm2g_diffusers.evaluation.measure_scripts import add_page_arguments, rewrote_page_only, run_logged, write_record
+from medm2g_diffusers.evaluation.measure_scripts import (
+    add_page_arguments,
+    per_type_f1_table,
+    rewrote_page_only,
+    run_logged,
+    write_record,
+)
 from medm2g_diffusers.training_utils import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,11 +115,8 @@ def page_lines(record: dict) -> list[str]:
         seconds = "-" if row["train_seconds"] is None else f"{row['train_seconds']:.0f}"
         lines.append(f"| {row_name(row)} | {seconds} | {s['bleu_1']:.3f} | {s['bleu_4']:.3f} | {s['rouge_l']:.3f} | "
                      f"{f['micro_f1']:.3f} | {f['macro_f1']:.3f} | {f['exact_match']:.3f} |")
-    lines += ["", "Per finding type (F1):", "", "| text LDM steps | " + " | ".join(types) + " |",
-              "| --- |" + " --- |" * len(types)]
-    for row in rows:
-        per_type = row["scores"]["finding"]["per_type"]
-        lines.append(f"| {row_name(row)} | " + " | ".join(f"{per_type[t]['f1']:.2f}" if t in per_type else "-" for t in types) + " |")
+    lines += ["", "Per finding type (F1):", ""]
+    lines += per_type_f1_table(["text LDM steps"], [([row_name(row)], row["scores"]["finding"]["per_type"]) for row in rows], types)
     lines += ["", "Training seconds: the wall time of `train_ldm.py`, latent encoding included."]
     return lines
 

@@ -119,3 +119,10 @@ def test_benchmark_page_writer_takes_a_title_and_more_runs(tmp_path, monkeypatch
     monkeypatch.setattr(sys, "argv", ["w", "--main", str(results), "--also", str(results), "--out", str(out)])
     with pytest.raises(SystemExit):  # --also needs a heading
         page.main()
+
+
+def test_per_type_f1_table_prints_a_dash_for_a_type_a_row_lacks():
+    from medm2g_diffusers.evaluation.measure_scripts import per_type_f1_table
+
+    lines = per_type_f1_table(["split", "guidance"], [(["test", "3"], {"nodule": {"f1": 0.5}})], ["nodule", "mass"])
+    assert lines == ["| split | guidance | nodule | mass |", "| --- | --- | --- | --- |", "| test | 3 | 0.50 | - |"]

@@ -409,6 +409,10 @@ def train_image_vae(args, config: dict[str, Any], dataset, output_root: Path) ->
     torch.manual_seed(seed)
     size = config["data"]["size"]
     num_blocks = len(section["model"]["block_out_channels"])
+    crop = section.get("crop_size")
+    if crop is not None and (not isinstance(crop, int) or isinstance(crop, bool) or not 0 < crop <= size or crop % 2 ** (num_blocks - 1)):
+        raise ValueError(f"image_vae.crop_size must be a positive int <= data.size ({size}) divisible by the VAE's downsampling "
+                         f"factor {2 ** (num_blocks - 1)}, or null for whole images; got {crop!r}")
     vae = AutoencoderKL(
         in_channels=1,
         out_channels=1,
@@ -431,10 +435,6 @@ def train_image_vae(args, config: dict[str, Any], dataset, output_root: Path) ->
         collate_fn=collate_images,
         num_workers=section.get("dataloader_num_workers", 0),
     )
-    crop = section.get("crop_size")
-    if crop is not None and (not isinstance(crop, int) or isinstance(crop, bool) or not 0 < crop <= size or crop % 2 ** (num_blocks - 1)):
-        raise ValueError(f"image_vae.crop_size must be a positive int <= data.size ({size}) divisible by the VAE's downsampling "
-                         f"factor {2 ** (num_blocks - 1)}, or null for whole images; got {crop!r}")
     num_pixels = (crop or size) ** 2
 
     def compute_loss(batch, generator):

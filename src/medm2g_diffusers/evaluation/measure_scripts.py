@@ -65,6 +65,15 @@ def score_reports(pipe, held_out, cfg, split: str) -> dict:
     return {"n": result["n"], **{k: v for k, v in result["model"].items() if k != "examples"}}
 
 
+def per_type_f1_table(labels: list[str], rows: list[tuple[list[str], dict]], types: list[str]) -> list[str]:
+    """A Markdown table of per-finding-type F1: ``labels`` name the leading columns, each row is ``(label cells,
+    per_type)`` with ``per_type`` the labeller's ``finding["per_type"]``; a type a row lacks prints as ``-``."""
+    lines = ["| " + " | ".join(labels + types) + " |", "|" + " --- |" * (len(labels) + len(types))]
+    for cells, per_type in rows:
+        lines.append("| " + " | ".join(cells + [f"{per_type[t]['f1']:.2f}" if t in per_type else "-" for t in types]) + " |")
+    return lines
+
+
 def run_logged(cmd: list[str], log: Path, threads: int, cwd: Path) -> float:
     """Runs ``cmd`` in ``cwd`` with ``threads`` OpenMP/MKL threads and its output in ``log``; returns its wall
     seconds. A failing command raises `subprocess.CalledProcessError` (its log says why)."""
