@@ -58,6 +58,7 @@ def test_tiny_recipe_runs_every_stage_in_its_lane_and_writes_a_pipeline(tmp_path
     order = [line.split(" took ")[0] for line in log.splitlines()]
     assert order.index(next(s for s in order if "train_alignment.py" in s)) < order.index(next(s for s in order if "--family xray" in s))
     assert order.index(next(s for s in order if "--component vae" in s)) < order.index(next(s for s in order if "--family mri" in s))
+    assert order.index(next(s for s in order if "--component vae" in s)) < order.index(next(s for s in order if "--family ct" in s))
     assert order.index(next(s for s in order if "--component text_vae" in s)) < order.index(next(s for s in order if "--family text" in s))
     for name in ("tokenizer", "vae", "text_vae", "prompt_encoders", "unet_xray", "unet_ct", "unet_mri", "unet_text", "pipeline"):
         assert (tmp_path / "out" / name).is_dir(), name
