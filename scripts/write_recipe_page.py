@@ -1,5 +1,5 @@
-"""Writes docs/results/tiny-recipe.md: one timed run of training/recipes/tiny.sh, and its model scored beside the
-bundled medm2g-tiny (is a rerun of the recipe within noise of the committed checkpoint?).
+"""Writes docs/results/tiny-recipe.md: one timed run of training/recipes/tiny.sh, and its model scored beside another
+checkpoint (by default: is a rerun of the recipe within noise of the bundled medm2g-tiny?).
 
     CONFIG=runs/recipe_check/tiny.yaml bash training/recipes/tiny.sh      # tiny.yaml with output_root changed
     medm2g evaluate --model runs/recipe_check/pipeline --name rerun --baseline medm2g-tiny=checkpoints/medm2g-tiny \
@@ -7,6 +7,8 @@ bundled medm2g-tiny (is a rerun of the recipe within noise of the committed chec
     python scripts/write_recipe_page.py --times runs/recipe_check/recipe_times.log \
         --results runs/recipe_check/evaluate/benchmark.json
 
+`--title` and `--heading` rename the page and the comparison (say, when the run became the bundled checkpoint and is
+scored beside the one it replaced); `--also HEADING=JSON` adds an earlier comparison below it, such as the last rerun.
 Everything above the notes marker is regenerated; the hand-written reading below it is kept.
 """
 
@@ -30,18 +32,31 @@ def recipe_times(log: str) -> list[tuple[str, int]]:
         if match:
             what = match["what"]
             what = re.sub(r"^launch \d+ training/", "", what)  # the launcher prefix says nothing about the step
-            what = re.sub(r" --config \S+| --resume_from_checkpoint latest", "", what)
+            what = re.sub(r"^\S+ -m medm2g_diffusers\.cli ", "medm2g ", what)  # nor does the interpreter's path
+            what = re.sub(r" --config \S+| --resume_from_checkpoint latest| --out \S+", "", what)
             times.append((what, int(match["seconds"])))
     if not any(what == "recipe" for what, _ in times):
         raise ValueError("the log has no '[tiny.sh] recipe took N s' line: the recipe did not finish")
     return times
 
 
-def page_lines(times: list[tuple[str, int]], results: dict, times_path: str, results_path: str) -> list[str]:
+TITLE = "training/recipes/tiny.sh end to end, and how close a rerun comes to the bundled checkpoint"
+HEADING = "The rerun's model beside the bundled one"
+
+
+def comparison_section(heading: str, results: dict) -> list[str]:
+    """One `medm2g evaluate` run of a model beside its baselines: the command, its tables and the paired differences."""
+    return [f"## {heading}", "", f"```bash\n{evaluate_command(results)}\n```", "", markdown_tables(results), "",
+            *paired_table(results, model=results["model"])]
+
+
+def page_lines(times: list[tuple[str, int]], results: dict, times_path: str, results_path: str, title: str = TITLE,
+               heading: str = HEADING, also: list[tuple[str, dict]] = ()) -> list[str]:
+    """The page: the recipe's step times, then the comparison of ``results``, then each further ``(heading, results)``."""
     total = dict(times)["recipe"]
     rows = [(what.replace("|", r"\|"), seconds) for what, seconds in times]  # a lanes line has a pipe
-    return [
-        "# training/recipes/tiny.sh end to end, and how close a rerun comes to the bundled checkpoint", "",
+    lines = [
+        f"# {title}", "",
         f"Made by `scripts/write_recipe_page.py --times {times_path} --results {results_path}` from the runs its "
         "docstring lists.", "",
         f"## Wall time: {total / 60:.1f} min", "",
@@ -49,11 +64,11 @@ def page_lines(times: list[tuple[str, int]], results: dict, times_path: str, res
         *(f"| {what} | {seconds} |" for what, seconds in rows), "",
         "Steps inside `lanes lane1 | lane2` ran at the same time, one torch thread each; the lanes line is their wall "
         "time together. The phantom data step is absent when the data already existed.", "",
-        "## The rerun's model beside the bundled one", "",
-        f"```bash\n{evaluate_command(results)}\n```", "",
-        markdown_tables(results), "",
-        *paired_table(results, model=results["model"]),
+        *comparison_section(heading, results),
     ]
+    for extra_heading, extra in also:
+        lines += ["", *comparison_section(extra_heading, extra)]
+    return lines
 
 
 def main() -> None:
@@ -61,10 +76,20 @@ def main() -> None:
     parser.add_argument("--times", required=True, help="recipe_times.log of a tiny.sh run")
     parser.add_argument("--results", required=True, help="benchmark.json of medm2g evaluate on its pipeline (with the bundled model as a baseline)")
     parser.add_argument("--out", default="docs/results/tiny-recipe.md")
+    parser.add_argument("--title", default=TITLE)
+    parser.add_argument("--heading", default=HEADING, help="the section of --results")
+    parser.add_argument("--also", action="append", default=[], metavar="HEADING=JSON",
+                        help="a further comparison (benchmark.json of another medm2g evaluate run) under its own heading")
     args = parser.parse_args()
+    also = []
+    for item in args.also:
+        heading, sep, path = item.rpartition("=")
+        if not sep or not heading:
+            parser.error(f"--also expects HEADING=JSON; got {item!r}")
+        also.append((heading, json.loads(Path(path).read_text())))
     times = recipe_times(Path(args.times).read_text())
     results = json.loads(Path(args.results).read_text())
-    write_page_keeping_notes(Path(args.out), page_lines(times, results, args.times, args.results))
+    write_page_keeping_notes(Path(args.out), page_lines(times, results, args.times, args.results, args.title, args.heading, also))
     print(f"wrote {args.out}")
 
 

@@ -6,7 +6,8 @@ import pytest
 
 from training_scripts import load_script
 
-LOG = """[tiny.sh] launch 2 training/train_autoencoders.py --config runs/x/tiny.yaml --component tokenizer took 12 s
+LOG = """[tiny.sh] .venv/bin/python -m medm2g_diffusers.cli phantoms --n 40 --seed 0 --size 64 --out runs/x/phantoms took 38 s
+[tiny.sh] launch 2 training/train_autoencoders.py --config runs/x/tiny.yaml --component tokenizer took 12 s
 [tiny.sh] launch 1 training/train_ldm.py --family xray --config runs/x/tiny.yaml --resume_from_checkpoint latest took 779 s
 [tiny.sh] lanes lane1 | lane2 took 3477 s
 [tiny.sh] recipe took 4700 s
@@ -19,7 +20,7 @@ def page():
 
 
 def test_times_are_read_in_order_without_the_launcher_noise(page):
-    assert page.recipe_times(LOG) == [("train_autoencoders.py --component tokenizer", 12), ("train_ldm.py --family xray", 779),
+    assert page.recipe_times(LOG) == [("medm2g phantoms --n 40 --seed 0 --size 64", 38), ("train_autoencoders.py --component tokenizer", 12), ("train_ldm.py --family xray", 779),
                                       ("lanes lane1 | lane2", 3477), ("recipe", 4700)]
 
 
@@ -34,3 +35,13 @@ def test_the_lanes_line_does_not_break_the_table(page, monkeypatch):
     monkeypatch.setattr(page, "evaluate_command", lambda results: "medm2g evaluate ...")
     lines = page.page_lines(page.recipe_times(LOG), results, "times.log", "results.json")
     assert "| lanes lane1 \\| lane2 | 3477 |" in lines and "## Wall time: 78.3 min" in lines
+
+
+def test_further_comparisons_follow_under_their_own_headings(page, monkeypatch):
+    monkeypatch.setattr(page, "markdown_tables", lambda results: f"(tables of {results['model']})")
+    monkeypatch.setattr(page, "evaluate_command", lambda results: "medm2g evaluate ...")
+    monkeypatch.setattr(page, "paired_table", lambda results, model: [])
+    lines = page.page_lines(page.recipe_times(LOG), {"model": "new"}, "times.log", "results.json", title="T", heading="A",
+                            also=[("B", {"model": "rerun"})])
+    assert lines[0] == "# T"
+    assert lines.index("## A") < lines.index("(tables of new)") < lines.index("## B") < lines.index("(tables of rerun)")
