@@ -18,7 +18,13 @@ import json
 import re
 from pathlib import Path
 
-from medm2g_diffusers.evaluation.benchmark_tables import evaluate_command, markdown_tables, write_page_keeping_notes
+from medm2g_diffusers.evaluation.benchmark_tables import (
+    evaluate_command,
+    markdown_tables,
+    run_section,
+    titled_results,
+    write_page_keeping_notes,
+)
 
 
 def ablation_time_table(log: str) -> list[str]:
@@ -41,11 +47,6 @@ def ablation_time_table(log: str) -> list[str]:
             f"| every variant | total | {total:,} ({total / 60:.0f} min) |", ""]
 
 
-def run_section(heading: str, results: dict) -> list[str]:
-    """One run: its heading, the `medm2g evaluate` command that made it and its tables."""
-    return [f"## {heading}", "", f"```bash\n{evaluate_command(results)}\n```", "", markdown_tables(results)]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--main", required=True, help="benchmark.json of the full run on medm2g-tiny")
@@ -64,11 +65,12 @@ def main() -> None:
     lines = [f"# {args.title}", "",
              "Made by `scripts/write_benchmark_page.py` from the JSON of the runs below (rerun them to reproduce).", "",
              *run_section(args.heading, main_results)]
-    for item in args.also:
-        heading, sep, path = item.rpartition("=")
-        if not sep or not heading:
-            parser.error(f"--also expects HEADING=JSON; got {item!r}")
-        lines += run_section(heading, json.loads(Path(path).read_text()))
+    try:
+        also = titled_results(args.also)
+    except ValueError as error:
+        parser.error(str(error))
+    for heading, results in also:
+        lines += run_section(heading, results)
     if args.ablation:
         ablation = json.loads(Path(args.ablation).read_text())
         lines += ["## Ablation (text <-> X-ray, every variant retrained on one budget: `training/recipes/ablation.sh`)", "",

@@ -19,7 +19,7 @@ import json
 import re
 from pathlib import Path
 
-from medm2g_diffusers.evaluation.benchmark_tables import evaluate_command, markdown_tables, paired_table, write_page_keeping_notes
+from medm2g_diffusers.evaluation.benchmark_tables import run_section, titled_results, write_page_keeping_notes
 
 _TOOK = re.compile(r"^\[tiny\.sh\] (?P<what>.+) took (?P<seconds>\d+) s$")
 
@@ -44,12 +44,6 @@ TITLE = "training/recipes/tiny.sh end to end, and how close a rerun comes to the
 HEADING = "The rerun's model beside the bundled one"
 
 
-def comparison_section(heading: str, results: dict) -> list[str]:
-    """One `medm2g evaluate` run of a model beside its baselines: the command, its tables and the paired differences."""
-    return [f"## {heading}", "", f"```bash\n{evaluate_command(results)}\n```", "", markdown_tables(results), "",
-            *paired_table(results, model=results["model"])]
-
-
 def page_lines(times: list[tuple[str, int]], results: dict, times_path: str, results_path: str, title: str = TITLE,
                heading: str = HEADING, also: list[tuple[str, dict]] = ()) -> list[str]:
     """The page: the recipe's step times, then the comparison of ``results``, then each further ``(heading, results)``."""
@@ -64,10 +58,10 @@ def page_lines(times: list[tuple[str, int]], results: dict, times_path: str, res
         *(f"| {what} | {seconds} |" for what, seconds in rows), "",
         "Steps inside `lanes lane1 | lane2` ran at the same time, one torch thread each; the lanes line is their wall "
         "time together. The phantom data step is absent when the data already existed.", "",
-        *comparison_section(heading, results),
+        *run_section(heading, results, paired=True),
     ]
     for extra_heading, extra in also:
-        lines += ["", *comparison_section(extra_heading, extra)]
+        lines += ["", *run_section(extra_heading, extra, paired=True)]
     return lines
 
 
@@ -81,12 +75,10 @@ def main() -> None:
     parser.add_argument("--also", action="append", default=[], metavar="HEADING=JSON",
                         help="a further comparison (benchmark.json of another medm2g evaluate run) under its own heading")
     args = parser.parse_args()
-    also = []
-    for item in args.also:
-        heading, sep, path = item.rpartition("=")
-        if not sep or not heading:
-            parser.error(f"--also expects HEADING=JSON; got {item!r}")
-        also.append((heading, json.loads(Path(path).read_text())))
+    try:
+        also = titled_results(args.also)
+    except ValueError as error:
+        parser.error(str(error))
     times = recipe_times(Path(args.times).read_text())
     results = json.loads(Path(args.results).read_text())
     write_page_keeping_notes(Path(args.out), page_lines(times, results, args.times, args.results, args.title, args.heading, also))

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
 from training_scripts import load_script
+
+from medm2g_diffusers.evaluation import benchmark_tables as tables
 
 LOG = """[tiny.sh] .venv/bin/python -m medm2g_diffusers.cli phantoms --n 40 --seed 0 --size 64 --out runs/x/phantoms took 38 s
 [tiny.sh] launch 2 training/train_autoencoders.py --config runs/x/tiny.yaml --component tokenizer took 12 s
@@ -31,16 +32,16 @@ def test_an_unfinished_recipe_is_refused(page):
 
 def test_the_lanes_line_does_not_break_the_table(page, monkeypatch):
     results = {"model": "rerun", "baselines": [], "image_to_image": {}}
-    monkeypatch.setattr(page, "markdown_tables", lambda results: "(tables)")  # the benchmark tables have their own tests
-    monkeypatch.setattr(page, "evaluate_command", lambda results: "medm2g evaluate ...")
+    monkeypatch.setattr(tables, "markdown_tables", lambda results: "(tables)")  # the benchmark tables have their own tests
+    monkeypatch.setattr(tables, "evaluate_command", lambda results: "medm2g evaluate ...")
     lines = page.page_lines(page.recipe_times(LOG), results, "times.log", "results.json")
     assert "| lanes lane1 \\| lane2 | 3477 |" in lines and "## Wall time: 78.3 min" in lines
 
 
 def test_further_comparisons_follow_under_their_own_headings(page, monkeypatch):
-    monkeypatch.setattr(page, "markdown_tables", lambda results: f"(tables of {results['model']})")
-    monkeypatch.setattr(page, "evaluate_command", lambda results: "medm2g evaluate ...")
-    monkeypatch.setattr(page, "paired_table", lambda results, model: [])
+    monkeypatch.setattr(tables, "markdown_tables", lambda results: f"(tables of {results['model']})")
+    monkeypatch.setattr(tables, "evaluate_command", lambda results: "medm2g evaluate ...")
+    monkeypatch.setattr(tables, "paired_table", lambda results, model: [])
     lines = page.page_lines(page.recipe_times(LOG), {"model": "new"}, "times.log", "results.json", title="T", heading="A",
                             also=[("B", {"model": "rerun"})])
     assert lines[0] == "# T"

@@ -240,6 +240,28 @@ def evaluate_command(results: dict) -> str:
     return " ".join(parts)
 
 
+def run_section(heading: str, results: dict, paired: bool = False) -> list[str]:
+    """One `medm2g evaluate` run as a page section: its heading, the command that made it and its tables; with
+    ``paired``, also the model-minus-baseline differences on the same images."""
+    lines = [f"## {heading}", "", f"```bash\n{evaluate_command(results)}\n```", "", markdown_tables(results)]
+    return lines + ["", *paired_table(results, model=results["model"])] if paired else lines
+
+
+def titled_results(items: list[str]) -> list[tuple[str, dict]]:
+    """``HEADING=JSON`` arguments (a results page's further runs) as ``(heading, results)``; the heading may itself
+    contain ``=``, the path is after the last one. A ValueError names an item without a heading."""
+    import json
+    from pathlib import Path
+
+    titled = []
+    for item in items:
+        heading, sep, path = item.rpartition("=")
+        if not sep or not heading:
+            raise ValueError(f"--also expects HEADING=JSON; got {item!r}")
+        titled.append((heading, json.loads(Path(path).read_text())))
+    return titled
+
+
 NOTES_MARKER = "<!-- notes: written by hand below this line; every number is quoted from the tables above -->"
 
 
