@@ -14,23 +14,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
-import sys
 import time
 from pathlib import Path
-
-import torch
 
 from medm2g_diffusers.evaluation.measure_scripts import (
     add_page_arguments,
     made_by_line,
-    per_type_f1_table,
     report_split,
+    report_sweep_lines,
     rewrote_page_only,
+    run_report_sweep,
     score_reports,
-    write_record,
+    select_on_validation,
 )
-from medm2g_diffusers.pipelines import MedM2GPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("validation", "test")
@@ -38,10 +34,7 @@ SPLITS = ("validation", "test")
 
 def select_scale(rows: list[dict]) -> float:
     """The validation scale with the highest micro finding F1 (the smaller scale on a tie)."""
-    validation = [row for row in rows if row["split"] == "validation"]
-    if not validation:
-        raise ValueError("rows must hold validation results to choose a scale from")
-    return max(validation, key=lambda row: (round(row["scores"]["finding"]["micro_f1"], 6), -row["guidance_scale"]))["guidance_scale"]
+    return select_on_validation(rows, "guidance_scale")
 
 
 def measure(pipe, data, scales: list[float], split: str) -> list[dict]:
@@ -49,7 +42,9 @@ def measure(pipe, data, scales: list[float], split: str) -> list[dict]:
     rows = []
     for scale in scales:
         started = time.perf_counter()
-        scores = score_reports(pipe, held_out, dataclasses.replace(cfg, guidance_scale=scale), split)
+        # One sampled report per X-ray (report_candidates=1), as when the page was measured: the scale is a property
+        # of each sample; the consensus of several (the pipeline's default) is measured in report-candidates.md.
+        scores = score_reports(pipe, held_out, dataclasses.replace(cfg, guidance_scale=scale, report_candidates=1), split)
         n = scores.pop("n")
         rows.append({"split": split, "guidance_scale": scale, "n": n, "scores": scores, "seconds": time.perf_counter() - started})
         print(f"{split} guidance {scale:g}: micro finding F1 {scores['finding']['micro_f1']:.3f}", flush=True)
@@ -57,9 +52,8 @@ def measure(pipe, data, scales: list[float], split: str) -> list[dict]:
 
 
 def page_lines(record: dict) -> list[str]:
-    rows, chosen = record["rows"], record["chosen_scale"]
-    types = list(rows[0]["scores"]["finding"]["per_type"])
-    lines = [
+    chosen = record["chosen_scale"]
+    return [
         "# Report generation against the guidance scale",
         "",
         made_by_line(record, "report-guidance.json"),
@@ -69,18 +63,8 @@ def page_lines(record: dict) -> list[str]:
         "classifier-free guidance scale of the text flow changes. The scale is chosen on the validation split "
         f"(highest micro finding F1): **{chosen:g}**. The test rows show how that choice carries over.",
         "",
-        "| split | guidance | n | BLEU-1 | BLEU-4 | ROUGE-L | finding F1 (micro) | finding F1 (macro) | exact findings |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *report_sweep_lines(record["rows"], "guidance_scale", "guidance", chosen),
     ]
-    for row in rows:
-        s, f = row["scores"], row["scores"]["finding"]
-        mark = " (chosen)" if row["guidance_scale"] == chosen else ""
-        lines.append(f"| {row['split']} | {row['guidance_scale']:g}{mark} | {row['n']} | {s['bleu_1']:.3f} | {s['bleu_4']:.3f} | "
-                     f"{s['rouge_l']:.3f} | {f['micro_f1']:.3f} | {f['macro_f1']:.3f} | {f['exact_match']:.3f} |")
-    lines += ["", "Per finding type (F1):", ""]
-    lines += per_type_f1_table(["split", "guidance"], [([row["split"], f"{row['guidance_scale']:g}"], row["scores"]["finding"]["per_type"])
-                                                       for row in rows], types)
-    return lines
 
 
 def main() -> None:
@@ -94,17 +78,7 @@ def main() -> None:
         return
     if any(scale < 0 for scale in args.scales):
         raise ValueError(f"--scales must be >= 0; got {args.scales}")
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    pipe = MedM2GPipeline.from_pretrained(args.model, targets=["text"], conditions=["xray"])
-    pipe.set_progress_bar_config(disable=True)
-    scales = sorted(set(args.scales))
-    rows = [row for split in SPLITS for row in measure(pipe, args.data, scales, split)]
-    record = {"command": "python scripts/measure_report_guidance.py " + " ".join(sys.argv[1:]), "model": args.model,
-              "machine": platform.machine(), "threads": args.threads, "seconds": time.perf_counter() - start,
-              "chosen_scale": select_scale(rows), "rows": rows}
-    write_record(args.page, record, page_lines)
-    print(f"wrote {args.page}; chosen scale {record['chosen_scale']:g}")
+    run_report_sweep(args, "measure_report_guidance.py", measure, sorted(set(args.scales)), SPLITS, "chosen_scale", select_scale, page_lines)
 
 
 if __name__ == "__main__":

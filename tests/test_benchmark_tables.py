@@ -18,6 +18,7 @@ from medm2g_diffusers.evaluation.benchmark_tables import (
     paired_difference,
     paired_reading,
     paired_table,
+    report_table,
     text_to_image_table,
 )
 
@@ -113,3 +114,16 @@ def test_text_to_image_table_has_the_classifier_through_the_vae_beside_the_class
     lines = text_to_image_table(results)
     assert any(line.endswith("| classifier on real: exact / macro F1 | classifier on real through m's VAE (ceiling) |") for line in lines)
     assert "| ct | m | 64 | – | 0.884 | 0.281 | 0.297 | 0.797 / 0.774 | 0.420 / 0.500 |" in lines
+
+
+def test_report_table_says_how_many_candidates_each_report_was_chosen_from():
+    scores = {**{f"bleu_{n}": 0.5 for n in range(1, 5)}, "rouge_l": 0.4, "protocol": "R2Gen",
+              "finding": {"micro_f1": 0.7, "macro_f1": 0.6, "exact_match": 0.5}}
+    results = {"model": "m", "baselines": ["b", "c"], "report_generation": {
+        "n": 3, "m": {**scores, "report_candidates": 8}, "b": {**scores, "report_candidates": 8}, "c": {**scores, "report_candidates": 1}}}
+    sampling = [line for line in report_table(results) if line.startswith("Sampling: ")]
+    assert sampling == ["Sampling: m, b: the consensus of 8 sampled reports per X-ray (minimum Bayes risk: the candidate closest on "
+                        "average to the others in the text prompt encoder's space; `report_candidates`); c: one sampled report per X-ray."]
+    for name in ("m", "b", "c"):  # a run from before report candidates renders as it did
+        del results["report_generation"][name]["report_candidates"]
+    assert not any(line.startswith("Sampling: ") for line in report_table(results))

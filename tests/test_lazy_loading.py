@@ -77,9 +77,11 @@ def test_lazy_joint_and_image_conditioned_directions_equal_the_full_load(saved, 
 def test_lazy_image_to_report_loads_the_text_vae_and_matches(saved, full):
     xray = PhantomGenerator(seed=0, size=SIZE).patient(0, anatomy="chest").images["xray"]
     lazy = load(saved, targets=["text"], conditions=["xray"])
-    assert lazy.text_vae is not None and list(lazy.multiflow.unets) == ["text"] and lazy.prompt_encoders.families == ["xray"]
+    # the text prompt encoder comes too: it chooses among the report candidates
+    assert lazy.text_vae is not None and list(lazy.multiflow.unets) == ["text"] and lazy.prompt_encoders.families == ["text", "xray"]
     call = dict(conditions={"xray": xray}, targets=["text"], max_new_tokens=8)
     assert run(lazy, **call).text == run(full, **call).text
+    assert run(lazy, report_candidates=1, **call).text == run(full, report_candidates=1, **call).text
 
 
 def test_lazy_load_in_bfloat16_holds_the_full_loads_values(saved):

@@ -60,6 +60,42 @@ def test_image_to_text(pipe, phantom):
     out = run(pipe, conditions={"xray": phantom.images["xray"]}, targets=["text"], max_new_tokens=8)
     assert isinstance(out.text, list) and len(out.text) == 1 and isinstance(out.text[0], str)
     assert out.images == {}
+    assert out.provenance["text"]["report_candidates"] == 16  # the default when a report is the only target
+
+
+def test_report_candidates_return_each_samples_consensus_candidate(pipe, phantom):
+    xray = {"xray": np.stack([phantom.images["xray"]] * 2)[:, None]}
+    call = dict(conditions=xray, targets=["text"], max_new_tokens=8)
+    # Two samples with four candidates each draw the same noise as eight samples of one candidate.
+    every = run(pipe, num_images_per_prompt=4, report_candidates=1, **call)
+    chosen = pipe.choose_reports(every.text, 4)
+    out = run(pipe, report_candidates=4, **call)
+    assert out.text == [every.text[i] for i in chosen] and out.provenance["text"]["report_candidates"] == 4
+    latents = run(pipe, num_images_per_prompt=4, report_candidates=1, output_type="latent", **call).images["text"]
+    picked = run(pipe, report_candidates=4, output_type="latent", **call)
+    assert torch.equal(picked.images["text"], latents[chosen]) and picked.text is None
+    # One generator per sample: a sample's candidates come from its own generator, whatever the batch.
+    alone = run(pipe, conditions={"xray": phantom.images["xray"]}, targets=["text"], max_new_tokens=8, report_candidates=4,
+                generator=[torch.Generator().manual_seed(5)])
+    pair = run(pipe, report_candidates=4, generator=[torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)], **call)
+    assert alone.text[0] == pair.text[0]
+
+
+def test_choose_reports_keeps_the_report_the_others_agree_with(pipe):
+    reports = ["large right pleural effusion", "the heart is enlarged", "large right pleural effusion",
+               "no pneumothorax", "no pneumothorax", "small nodule"]
+    # each sample's duplicated report is its consensus; a tie goes to the earlier one
+    assert pipe.choose_reports(reports, 3).tolist() == [0, 3]
+    with pytest.raises(ValueError, match="reports per sample"):
+        pipe.choose_reports(reports, 4)
+
+
+def test_report_candidates_default_to_one_when_the_call_fixes_the_noise_or_has_no_report(pipe, phantom):
+    xray = {"xray": phantom.images["xray"]}
+    noise = torch.randn(1, pipe.text_vae.config.text_latent_dim, 1, 1, generator=torch.Generator().manual_seed(1))
+    fixed = run(pipe, conditions=xray, targets=["text"], latents={"text": noise}, max_new_tokens=8)
+    assert fixed.provenance["text"]["report_candidates"] == 1
+    assert run(pipe, prompt=PROMPT, targets=["xray"]).provenance["xray"]["report_candidates"] == 1
 
 
 def test_guidance_defaults_per_target_kind_and_a_dict_sets_each_target(pipe, phantom):
@@ -207,6 +243,9 @@ def test_save_and_load_round_trip(pipe, tmp_path):
         ({"prompt": PROMPT, "targets": ["xray"], "output_type": "dicom"}, r"output_type must be one of"),
         ({"prompt": PROMPT, "targets": ["xray"], "height": 18}, r"height must be a positive multiple of 4"),
         ({"prompt": PROMPT, "targets": ["xray"], "callback_on_step_end_tensor_inputs": ["noise"]}, r"callback_on_step_end_tensor_inputs"),
+        ({"prompt": PROMPT, "targets": ["xray"], "report_candidates": 4}, r"report_candidates .* needs 'text' among the targets"),
+        ({"conditions": {"xray": np.zeros((SIZE, SIZE))}, "targets": ["text"], "report_candidates": 0}, r"report_candidates must be a positive integer"),
+        ({"conditions": {"xray": np.zeros((SIZE, SIZE))}, "targets": ["text"], "report_candidates": True}, r"report_candidates must be a positive integer"),
     ],
 )
 def test_bad_input_is_a_clear_value_error(pipe, kwargs, match):

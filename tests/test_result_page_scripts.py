@@ -126,3 +126,79 @@ def test_per_type_f1_table_prints_a_dash_for_a_type_a_row_lacks():
 
     lines = per_type_f1_table(["split", "guidance"], [(["test", "3"], {"nodule": {"f1": 0.5}})], ["nodule", "mass"])
     assert lines == ["| split | guidance | nodule | mass |", "| --- | --- | --- | --- |", "| test | 3 | 0.50 | - |"]
+
+
+@pytest.fixture(scope="module")
+def candidates_script():
+    return load_script("scripts/measure_report_candidates.py")
+
+
+def candidates_row(split: str, k: int, micro: float) -> dict:
+    return {"split": split, "candidates": k, "n": 150, "scores": {"bleu_1": 0.6, "bleu_4": 0.3, "rouge_l": 0.4, "finding": finding(micro)},
+            "micro_f1_minus_one": micro - 0.6, "micro_f1_minus_one_se": 0.02}
+
+
+def test_report_candidates_are_chosen_on_validation_and_the_page_marks_them(candidates_script):
+    rows = [candidates_row("validation", 1, 0.60), candidates_row("validation", 8, 0.75), candidates_row("validation", 16, 0.75),
+            candidates_row("test", 1, 0.90), candidates_row("test", 8, 0.70)]
+    assert candidates_script.select_candidates(rows) == 8  # the tie goes to fewer candidates; test rows never count
+    with pytest.raises(ValueError, match="validation"):
+        candidates_script.select_candidates(rows[3:])
+    record = {"command": "python scripts/measure_report_candidates.py", "model": "medm2g-tiny", "machine": "x86_64", "threads": 2,
+              "seconds": 600.0, "chosen_candidates": 8, "rows": rows}
+    text = "\n".join(candidates_script.page_lines(record))
+    assert "**8**" in text and "| validation | 8 (chosen) | 150 | 0.600 | 0.300 | 0.400 | 0.750 | +0.150 ± 0.020 | 0.700 | 0.500 |" in text
+    assert "| test | 1 | 150 | 0.600 | 0.300 | 0.400 | 0.900 | – |" in text and "Each X-ray gets 16 sampled candidate reports" in text
+
+
+def test_bootstrap_difference_is_zero_for_a_model_against_itself_and_positive_otherwise(candidates_script):
+    truth = [{"cardiomegaly"}, set(), {"pneumothorax"}, {"mass"}] * 5
+    worse = [set() if i % 3 == 0 else t for i, t in enumerate(truth)]  # a third of the findings missed
+    assert candidates_script.bootstrap_difference(truth, truth, truth) == 0.0
+    assert 0.0 < candidates_script.bootstrap_difference(truth, worse, truth) < 0.2
+
+
+def test_the_candidates_scored_are_those_a_report_candidates_call_chooses_from(candidates_script):
+    import dataclasses
+
+    import torch
+
+    from medm2g_diffusers.data.datasets import build_phantom_split
+    from medm2g_diffusers.evaluation.benchmark import BenchmarkConfig
+
+    from tiny_pipeline import SIZE, get_dummy_pipeline
+
+    pipe = get_dummy_pipeline()
+    held_out = build_phantom_split(12, "train", seed=0, size=SIZE)
+    cfg = dataclasses.replace(BenchmarkConfig(), n_reports=2, num_inference_steps=2, batch_size=1, max_text_tokens=64, seed=3)
+    candidates, references, truth = candidates_script.sample_candidates(pipe, held_out, cfg, 4)
+    assert len(candidates) == len(references) == len(truth) == 2 and all(len(c) == 4 for c in candidates)
+    for row, xray in enumerate(candidates_script.benchmark.native(
+            candidates_script.benchmark.rows_with(held_out, ["xray", "report"], 2, anatomy="chest"), "xray")):
+        call = pipe(conditions={"xray": torch.from_numpy(xray)[None, None]}, targets=["text"], report_candidates=4,
+                    generator=[torch.Generator().manual_seed(cfg.seed * 1_000_003 + row)], num_inference_steps=2, max_text_tokens=64)
+        assert call.text == [candidates[row][int(pipe.choose_reports(candidates[row], 4)[0])]]
+
+
+def test_run_report_sweep_writes_the_page_and_json_with_the_validation_choice(tmp_path):
+    import argparse
+    import json
+
+    from medm2g_diffusers.evaluation.measure_scripts import run_report_sweep, select_on_validation
+
+    from tiny_pipeline import get_dummy_pipeline
+
+    get_dummy_pipeline().save_pretrained(tmp_path / "model")
+    seen = []
+
+    def measure(pipe, data, values, split):
+        seen.append((split, list(values), list(pipe.multiflow.unets)))
+        return [candidates_row(split, k, 0.6 + (0.1 if k == 4 else 0.0) + (0.3 if split == "test" and k == 2 else 0.0)) for k in values]
+
+    args = argparse.Namespace(model=str(tmp_path / "model"), threads=1, data=None, page=tmp_path / "sweep.md")
+    record = run_report_sweep(args, "sweep.py", measure, [1, 2, 4], ["validation", "test"], "chosen_candidates",
+                              lambda rows: select_on_validation(rows, "candidates"), lambda r: ["# sweep", f"chosen {r['chosen_candidates']}"])
+    assert [s[:2] for s in seen] == [("validation", [1, 2, 4]), ("test", [1, 2, 4])] and seen[0][2] == ["text"]
+    assert record["chosen_candidates"] == 4 and record["command"].startswith("python scripts/sweep.py")
+    assert json.loads((tmp_path / "sweep.json").read_text())["chosen_candidates"] == 4
+    assert "chosen 4" in (tmp_path / "sweep.md").read_text()

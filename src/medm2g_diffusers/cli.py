@@ -186,6 +186,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         generator=torch.Generator().manual_seed(args.seed),
         output_type="np",
         ct_in_hu=True,
+        report_candidates=args.report_candidates,
     )
     seconds = time.perf_counter() - started
     written = []
@@ -280,6 +281,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     cfg = BenchmarkConfig.quick() if args.quick else BenchmarkConfig()
     overrides = {"num_inference_steps": args.steps, "seed": args.seed, "fid": False if args.no_fid else None,
+                 "report_candidates": args.report_candidates,
                  "text_to_image_targets": tuple(args.text_to_image_targets) if args.text_to_image_targets else None}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     if args.threads:
@@ -382,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale for every target (default: 2.0 for images, 3.0 for a report)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--num-images", type=_positive_int, default=1, help="samples per prompt (default 1)")
+    p.add_argument("--report-candidates", type=_positive_int, default=None,
+                   help="reports sampled per report, of which the consensus one is written (default: 16 when a report is "
+                        "the only target, else 1; docs/results/report-candidates.md)")
     p.add_argument("--model", default=DEFAULT_CHECKPOINT, help="a bundled checkpoint name or a pipeline folder (default: %(default)s, bundled)")
     p.add_argument("--revision", default=None, help=REVISION_HELP)
     p.add_argument("--png-ct-window", type=_window, default=(-1000.0, 1000.0), help="HU window an 8-bit CT PNG condition stands for")
@@ -404,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS, default=None, help="the sampler's timestep spacing (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default 0)")
     p.add_argument("--no-fid", action="store_true", help="skip FID (it loads an 87 MB Inception network)")
+    p.add_argument("--report-candidates", type=_positive_int, default=None,
+                   help="reports sampled per X-ray, of which the consensus one is scored (default: the pipeline's, 16)")
     p.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
                    help="a subset of: report_generation text_to_image image_to_image joint augmentation (default: all)")
     p.add_argument("--text-to-image-targets", nargs="+", default=None, metavar="KEY", help="default: xray ct mri_t1 mri_t2")

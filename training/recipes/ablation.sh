@@ -22,11 +22,12 @@ mkdir -p "$ROOT"
 timed() { local start=$SECONDS; "$@"; echo "[ablation.sh] $* took $((SECONDS - start)) s" | tee -a "$ROOT/recipe_times.log"; }
 
 if [ "${1:-train}" = "evaluate" ]; then
-  # Text -> X-ray and X-ray -> report on the held-out phantom test split, every variant side by side.
+  # Text -> X-ray and X-ray -> report on the held-out phantom test split, every variant side by side; one sampled
+  # report per X-ray, as the published ablation was measured (before report candidates).
   exec .venv/bin/medm2g evaluate --model "$ROOT/baseline/pipeline_single_flow" --name baseline \
     --baseline ca="$ROOT/ca/pipeline_single_flow" --baseline ca_lcga="$ROOT/ca/pipeline" \
     --baseline ca_vi="$ROOT/ca_vi/pipeline_single_flow" --baseline all="$ROOT/ca_vi/pipeline" \
-    --tasks report_generation text_to_image --text-to-image-targets xray --classifiers "$TINY/evaluate/finding_classifiers" \
+    --tasks report_generation text_to_image --text-to-image-targets xray --report-candidates 1 --classifiers "$TINY/evaluate/finding_classifiers" \
     --out "$ROOT/evaluate" "${@:2}"
 fi
 

@@ -108,6 +108,7 @@ class BenchmarkConfig:
     augmentation_steps: int = 1000
     num_inference_steps: int = 50
     guidance_scale: float | None = None  # None: the pipeline's defaults (2.0 for images, 3.0 for reports)
+    report_candidates: int | None = None  # None: the pipeline's default (the consensus of 16 candidates)
     batch_size: int = 32
     max_text_tokens: int = 160
     seed: int = 0
@@ -383,8 +384,10 @@ def evaluate_report_generation(pipes: dict, train, test, cfg: BenchmarkConfig, s
             results["skipped"][name] = reason
             continue
         started = time.perf_counter()
-        text = generate(pipe, cfg, ["text"], list(range(rows.num_rows)), conditions={"xray": native(rows, "xray")})["text"]
-        results[name] = {**score(text), "seconds": time.perf_counter() - started}
+        candidates = {} if cfg.report_candidates is None else {"report_candidates": cfg.report_candidates}
+        text = generate(pipe, cfg, ["text"], list(range(rows.num_rows)), conditions={"xray": native(rows, "xray")}, **candidates)["text"]
+        results[name] = {**score(text), "seconds": time.perf_counter() - started,
+                         "report_candidates": pipe.resolve_report_candidates(cfg.report_candidates, ["text"])}
     # Nearest neighbour: the report of the training X-ray closest in pixels (model range, L2).
     pool = rows_with(train, ["xray", "report"], train.num_rows, anatomy="chest")
     if not pool.num_rows:

@@ -45,6 +45,15 @@ def report_table(results: dict) -> list[str]:
     note = (f" The labeller scores {_f(r['labeller_on_references']['micro_f1'])} micro F1 on the reference reports themselves."
             if "labeller_on_references" in r else " References: the dataset's reports (no ground-truth findings: no finding F1).")
     lines += ["", f"Protocol: {protocol.rstrip('.')}.{note}"]
+    # Runs before report candidates existed record none: one sampled report each, and the page says nothing.
+    counts = {name: r[name]["report_candidates"] for name in names if "report_candidates" in r[name]}
+    if counts:
+        groups = {n: [name for name, m in counts.items() if m == n] for n in sorted(set(counts.values()), reverse=True)}
+        lines += ["", "Sampling: " + "; ".join(
+            f"{', '.join(group)}: " + (f"the consensus of {n} sampled reports per X-ray (minimum Bayes risk: the candidate closest "
+                                       "on average to the others in the text prompt encoder's space; `report_candidates`)"
+                                       if n > 1 else "one sampled report per X-ray")
+            for n, group in groups.items()) + "."]
     return lines + _cannot(results, {"report generation": r}) + [""]
 
 

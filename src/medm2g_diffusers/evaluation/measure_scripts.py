@@ -13,8 +13,9 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from . import benchmark
 from ..training_utils import atomic_write_text
@@ -63,6 +64,57 @@ def score_reports(pipe, held_out, cfg, split: str) -> dict:
     or the examples: the scores of ``evaluate_report_generation`` and its ``n``."""
     result = benchmark.evaluate_report_generation({"model": pipe}, held_out.select([]), held_out, cfg, split, {})
     return {"n": result["n"], **{k: v for k, v in result["model"].items() if k != "examples"}}
+
+
+def select_on_validation(rows: list[dict], key: str) -> Any:
+    """The ``key`` value of the validation row with the highest micro finding F1 (the smaller value on a tie): how a
+    report-sampling sweep chooses, never looking at its test rows."""
+    validation = [row for row in rows if row["split"] == "validation"]
+    if not validation:
+        raise ValueError(f"rows must hold validation results to choose {key} from")
+    return max(validation, key=lambda row: (round(row["scores"]["finding"]["micro_f1"], 6), -row[key]))[key]
+
+
+def report_sweep_lines(rows: list[dict], key: str, label: str, chosen: Any, extra: tuple[str, Callable[[dict], str]] | None = None) -> list[str]:
+    """The tables of a report-sampling sweep: per split and ``key`` value (column ``label``; the chosen one marked),
+    BLEU-1/4, ROUGE-L and finding F1, then F1 per finding type. ``extra``: a ``(header, cell(row))`` column after the
+    micro F1."""
+    header, cell = extra if extra else (None, None)
+    lines = [f"| split | {label} | n | BLEU-1 | BLEU-4 | ROUGE-L | finding F1 (micro) |" + (f" {header} |" if header else "")
+             + " finding F1 (macro) | exact findings |",
+             "|" + " --- |" * (9 + bool(header))]
+    for row in rows:
+        s, f = row["scores"], row["scores"]["finding"]
+        mark = " (chosen)" if row[key] == chosen else ""
+        lines.append(f"| {row['split']} | {row[key]:g}{mark} | {row['n']} | {s['bleu_1']:.3f} | {s['bleu_4']:.3f} | "
+                     f"{s['rouge_l']:.3f} | {f['micro_f1']:.3f} |" + (f" {cell(row)} |" if cell else "")
+                     + f" {f['macro_f1']:.3f} | {f['exact_match']:.3f} |")
+    types = list(rows[0]["scores"]["finding"]["per_type"])
+    return lines + ["", "Per finding type (F1):", ""] + per_type_f1_table(
+        ["split", label], [([row["split"], f"{row[key]:g}"], row["scores"]["finding"]["per_type"]) for row in rows], types)
+
+
+def run_report_sweep(args: argparse.Namespace, script: str, measure: Callable, values: list, splits: Sequence[str], chosen_key: str,
+                     select: Callable[[list[dict]], Any], page_lines: Callable[[dict], list[str]]) -> dict:
+    """Loads ``args.model`` for X-ray -> report only, runs ``measure(pipe, data, values, split)`` on each split, and
+    writes the page and JSON with the value ``select`` chooses (as ``record[chosen_key]``) and the command line."""
+    import platform
+    import sys
+
+    import torch
+
+    from ..pipelines import MedM2GPipeline
+
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    pipe = MedM2GPipeline.from_pretrained(args.model, targets=["text"], conditions=["xray"])
+    pipe.set_progress_bar_config(disable=True)
+    rows = [row for split in splits for row in measure(pipe, args.data, values, split)]
+    record = {"command": f"python scripts/{script} " + " ".join(sys.argv[1:]), "model": args.model, "machine": platform.machine(),
+              "threads": args.threads, "seconds": time.perf_counter() - start, chosen_key: select(rows), "rows": rows}
+    write_record(args.page, record, page_lines)
+    print(f"wrote {args.page}; {chosen_key.replace('_', ' ')} {record[chosen_key]:g}")
+    return record
 
 
 def per_type_f1_table(labels: list[str], rows: list[tuple[list[str], dict]], types: list[str]) -> list[str]:

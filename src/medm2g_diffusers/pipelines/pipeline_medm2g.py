@@ -33,6 +33,9 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # Classifier-free guidance when a call does not set it: the paper's 2.0 for images; reports (text latents) are
 # guided harder, 3.0 chosen on the phantom validation split (docs/results/report-guidance.md).
 DEFAULT_GUIDANCE_SCALES = {"image": 2.0, "text": 3.0}
+# Reports sampled per sample when a report is the only target, of which the consensus one is returned (minimum
+# Bayes risk in the text encoder's space); chosen on the phantom validation split (docs/results/report-candidates.md).
+DEFAULT_REPORT_CANDIDATES = 16
 
 
 def guidance_scales(guidance_scale: float | dict[str, float] | None, targets: Sequence[str]) -> dict[str, float]:
@@ -272,6 +275,8 @@ class MedM2GPipeline(DiffusionPipeline, MedM2GLoraLoaderMixin):
         encodable = list(MedM2GPromptEncoders.load_config(os.path.join(path, "prompt_encoders"))["families"])
         denoisers = denoisable if targets is None else _families_of(targets, "targets", denoisable, "denoisers")
         encoders = encodable if conditions is None else _families_of(conditions, "conditions", encodable, "prompt encoders")
+        if "text" in denoisers:  # the text prompt encoder chooses among report candidates (report_candidates)
+            encoders = [family for family in encodable if family in encoders or family == "text"]
         components: dict[str, Any] = {}
         if targets is not None:
             # A source_guidance model reads a clean image source through that family's context encoder V_S, and so
@@ -510,6 +515,40 @@ class MedM2GPipeline(DiffusionPipeline, MedM2GLoraLoaderMixin):
         latent = self.vae.encode(images).latent_dist.mode() * self.vae.config.scaling_factor
         return Condition(tokens, torch.ones(tokens.shape[:2], dtype=torch.long, device=self.device)), latent
 
+    @torch.no_grad()
+    def choose_reports(self, reports: list[str], candidates: int, max_text_tokens: int = 160) -> torch.Tensor:
+        """Minimum Bayes risk choice among report candidates.
+
+        Args:
+            reports (`list[str]`): ``batch * candidates`` reports, each sample's candidates consecutive.
+            candidates (`int`): candidates per sample.
+            max_text_tokens (`int`): tokens of a report the text prompt encoder reads.
+
+        Returns:
+            `torch.LongTensor` of shape `(batch,)`: the index into ``reports`` of each sample's report whose pooled
+            text embedding has the highest summed cosine similarity to its candidates' (the consensus; ties go to
+            the earlier candidate).
+        """
+        if candidates < 1 or len(reports) % candidates:
+            raise ValueError(f"reports must hold `candidates` ({candidates}) reports per sample; got {len(reports)}")
+        batch = self.tokenizer(reports, padding="longest", truncation=True, max_length=max_text_tokens, return_tensors="pt")
+        inputs = {"input_ids": batch["input_ids"].to(self.device), "attention_mask": batch["attention_mask"].to(self.device)}
+        pooled = self.prompt_encoders.encode("text", inputs).pooled.float()
+        pooled = pooled.view(-1, candidates, pooled.shape[-1])
+        consensus = (pooled @ pooled.transpose(1, 2)).sum(-1)  # (samples, candidates)
+        return consensus.argmax(-1).cpu() + torch.arange(pooled.shape[0]) * candidates
+
+    def resolve_report_candidates(self, report_candidates: int | None, targets: Sequence[str], latents=None) -> int:
+        """The call's report candidates: the default for its targets (1 when the caller fixed the initial noise:
+        there is nothing to choose among), or ``report_candidates`` checked."""
+        if report_candidates is None:
+            return DEFAULT_REPORT_CANDIDATES if isinstance(targets, (list, tuple)) and list(targets) == ["text"] and latents is None else 1
+        if isinstance(report_candidates, bool) or not isinstance(report_candidates, int) or report_candidates < 1:
+            raise ValueError(f"report_candidates must be a positive integer; got {report_candidates!r}")
+        if report_candidates > 1 and "text" not in targets:
+            raise ValueError(f"report_candidates chooses among generated reports: it needs 'text' among the targets; got {list(targets)}")
+        return report_candidates
+
     @staticmethod
     def _repeat(condition: Condition, times: int) -> Condition:
         return Condition(condition.tokens.repeat_interleave(times, 0), condition.mask.repeat_interleave(times, 0))
@@ -566,6 +605,7 @@ class MedM2GPipeline(DiffusionPipeline, MedM2GLoraLoaderMixin):
         max_new_tokens: int = 160,
         batch_invariant: bool = False,
         adapter_names: str | list[str] | None = None,
+        report_candidates: int | None = None,
     ):
         r"""
         Generates ``targets`` from a report and/or images.
@@ -605,6 +645,13 @@ class MedM2GPipeline(DiffusionPipeline, MedM2GLoraLoaderMixin):
                 time. The callback then sees one sample at a time.
             adapter_names (`str` or `list[str]`, *optional*): the LoRA adapters this call uses (``[]``: the base
                 model); default: the pipeline's choice (`set_adapters`). Nothing changes for later calls.
+            report_candidates (`int`, *optional*): with ``"text"`` among the targets, sample this many candidates of
+                every sample and return the one whose report is closest on average (cosine of the text prompt
+                encoder's pooled embeddings) to the other candidates' reports: minimum Bayes risk decoding, the
+                consensus of the samples. The chosen candidate's other targets come with it. Costs that many times
+                the sampling; ``latents`` then holds the initial noise of every candidate, each sample's consecutive.
+                Default: `DEFAULT_REPORT_CANDIDATES` (16) when a report is the only target and ``latents`` is not given,
+                else 1 (docs/results/report-candidates.md).
 
         Examples:
 
@@ -623,6 +670,7 @@ class MedM2GPipeline(DiffusionPipeline, MedM2GLoraLoaderMixin):
             raise ValueError(f"generator must be a torch.Generator or a list of them, one per sample; got {type(generator).__name__}")
         if adapter_names is not None:  # an unknown name fails here, before any work
             self._check_adapter_names([adapter_names] if isinstance(adapter_names, str) else adapter_names)
+        report_candidates = self.resolve_report_candidates(report_candidates, targets, latents)
         if batch_invariant:
             return self._generate_one_by_one(
                 prompt, conditions, negative_prompt, num_images_per_prompt, generator, latents, return_dict,
@@ -630,7 +678,7 @@ class MedM2GPipeline(DiffusionPipeline, MedM2GLoraLoaderMixin):
                      guidance_scale=guidance_scale, eta=eta, output_type=output_type, callback_on_step_end=callback_on_step_end,
                      callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, max_text_tokens=max_text_tokens,
                      cross_guidance_scale=cross_guidance_scale, ct_in_hu=ct_in_hu, max_new_tokens=max_new_tokens,
-                     adapter_names=adapter_names),
+                     adapter_names=adapter_names, report_candidates=report_candidates),
             )
         conditions = dict(conditions or {})
         prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
@@ -646,17 +694,22 @@ class MedM2GPipeline(DiffusionPipeline, MedM2GLoraLoaderMixin):
         batch = batch_sizes.pop() * num_images_per_prompt
         if isinstance(generator, list) and len(generator) != batch:
             raise ValueError(f"generator is a list of {len(generator)}; pass one per sample ({batch})")
+        # Report candidates are extra samples of each sample, drawn from that sample's own generator, so a seeded
+        # sample's candidates do not depend on the rest of the batch.
+        copies, batch = num_images_per_prompt * report_candidates, batch * report_candidates
+        if isinstance(generator, list):
+            generator = [g for g in generator for _ in range(report_candidates)]
         if negative_prompt is not None:
             negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
             if len(negatives) != len(prompts):
                 raise ValueError(f"negative_prompt must have one entry per prompt ({len(prompts)}); got {len(negatives)}")
         encoded = {}
         if prompts:
-            encoded["text"] = self._repeat(self.encode_prompt(prompts, max_text_tokens), num_images_per_prompt)
+            encoded["text"] = self._repeat(self.encode_prompt(prompts, max_text_tokens), copies)
         sources = {}
         for key, images in image_inputs.items():
             tokens, latent = self.encode_image(key, images)
-            encoded[key], sources[key] = self._repeat(tokens, num_images_per_prompt), latent.repeat_interleave(num_images_per_prompt, 0)
+            encoded[key], sources[key] = self._repeat(tokens, copies), latent.repeat_interleave(copies, 0)
 
         # One batch for every stream (the joint loop couples them), so the unconditional half runs when any target
         # is guided; a target at scale <= 1 then takes its conditional half alone.
@@ -664,7 +717,7 @@ class MedM2GPipeline(DiffusionPipeline, MedM2GLoraLoaderMixin):
         do_guidance = any(scale > 1.0 for scale in scales.values())
         negative = None
         if do_guidance and negative_prompt is not None:
-            negative = self._repeat(self.encode_prompt(negatives, max_text_tokens), num_images_per_prompt)
+            negative = self._repeat(self.encode_prompt(negatives, max_text_tokens), copies)
         stream_conditions, stream_sources = {}, {}
         for target in targets:
             condition = self._join([encoded[key] for key in encoded if key in self.accepted_conditions(target)])
@@ -723,8 +776,19 @@ class MedM2GPipeline(DiffusionPipeline, MedM2GLoraLoaderMixin):
                     latents = callback_outputs.pop("latents", latents)
                 progress_bar.update()
 
-        # 5. Decode and postprocess; every output carries its provenance.
-        images, text, provenance = {}, None, {}
+        # 5. Reports: decode every candidate and keep, per sample, the consensus one with its other targets.
+        text = None
+        if "text" in targets and output_type != "latent" or report_candidates > 1:
+            text = self.text_vae.decode(
+                latents["text"][:, :, 0, 0] / self.text_vae.config.scaling_factor, self.tokenizer, max_new_tokens=max_new_tokens
+            )
+        if report_candidates > 1:
+            chosen = self.choose_reports(text, report_candidates, max_text_tokens)
+            text = None if output_type == "latent" else [text[i] for i in chosen]
+            latents = {target: z[chosen] for target, z in latents.items()}
+
+        # 6. Decode the images and postprocess; every output carries its provenance.
+        images, provenance = {}, {}
         seed = generator.initial_seed() if isinstance(generator, torch.Generator) else None
         for target in targets:
             provenance[target] = {
@@ -738,14 +802,11 @@ class MedM2GPipeline(DiffusionPipeline, MedM2GLoraLoaderMixin):
                 "scheduler": type(self.scheduler).__name__,
                 "seed": seed,
                 "lora_adapters": self._call_adapters(adapter_names),
+                "report_candidates": report_candidates,
             }
             if output_type == "latent":
                 images[target] = latents[target]
-            elif target == "text":
-                text = self.text_vae.decode(
-                    latents[target][:, :, 0, 0] / self.text_vae.config.scaling_factor, self.tokenizer, max_new_tokens=max_new_tokens
-                )
-            else:
+            elif target != "text":
                 decoded = self.vae.decode(latents[target].to(self.vae.dtype) / self.vae.config.scaling_factor).sample
                 images[target] = self.postprocess_image(target, decoded, output_type, ct_in_hu, provenance[target])
 
