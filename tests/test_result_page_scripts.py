@@ -202,3 +202,16 @@ def test_run_report_sweep_writes_the_page_and_json_with_the_validation_choice(tm
     assert record["chosen_candidates"] == 4 and record["command"].startswith("python scripts/sweep.py")
     assert json.loads((tmp_path / "sweep.json").read_text())["chosen_candidates"] == 4
     assert "chosen 4" in (tmp_path / "sweep.md").read_text()
+
+
+def test_classifier_noise_page_tabulates_call_rates_against_the_reports():
+    probe = load_script("scripts/probe_classifier_noise.py")
+    truth = [{"haemorrhage"}, {"tumour", "midline_shift"}, set(), {"pleural_effusion"}]
+    called = probe.rates([{"haemorrhage"}, {"haemorrhage", "tumour"}, set(), set()], truth)
+    assert called["called"] == {"haemorrhage": 0.5, "midline_shift": 0.0, "tumour": 0.25}
+    assert called["exact"] == 0.75  # only head types count: the chest finding of the last patient is ignored
+    record = {"command": "python scripts/probe_classifier_noise.py", "model": "m", "classifiers": "c", "machine": "x86_64",
+              "threads": 1, "seconds": 30.0, "n": 4, "reports": {"haemorrhage": 0.25, "midline_shift": 0.25, "tumour": 0.25},
+              "rows": [{"images": "real CTs", **called}]}
+    text = "\n".join(probe.page_lines(record))
+    assert "| the reports | 0.25 | 0.25 | 0.25 | – |" in text and "| real CTs | 0.50 | 0.00 | 0.25 | 0.750 |" in text
