@@ -121,6 +121,23 @@ def test_benchmark_page_writer_takes_a_title_and_more_runs(tmp_path, monkeypatch
         page.main()
 
 
+def test_benchmark_page_writer_adds_the_ablation_run_and_its_times(tmp_path, monkeypatch):
+    page = load_script("scripts/write_benchmark_page.py")
+    results = Path(__file__).resolve().parents[1] / "docs" / "results"
+    out = tmp_path / "page.md"
+    monkeypatch.setattr(sys, "argv", ["w", "--main", str(results / "benchmark.json"), "--ablation", str(results / "ablation.json"),
+                                      "--ablation_times", str(results / "ablation-times.log"), "--out", str(out)])
+    page.main()
+    text = out.read_text()
+    ablation = text[text.index("## Ablation"):]
+    assert "bash training/recipes/ablation.sh && bash training/recipes/ablation.sh evaluate\n# = medm2g evaluate" in ablation
+    assert "| baseline |" in ablation and "| ca_vi |" in ablation  # the variants' tables
+    assert "| ca | train_alignment |" in ablation and "| every variant | total |" in ablation  # and their wall times
+    # the published page is this writer's output (its hand-written notes aside)
+    published = (results / "benchmark.md").read_text()
+    assert published.startswith(text.split("<!-- notes")[0].rstrip("\n"))
+
+
 def test_per_type_f1_table_prints_a_dash_for_a_type_a_row_lacks():
     from medm2g_diffusers.evaluation.measure_scripts import per_type_f1_table
 
