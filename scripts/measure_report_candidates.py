@@ -66,7 +66,7 @@ def sample_candidates(pipe, held_out, cfg, most: int) -> tuple[list[list[str]], 
     candidates: list[list[str]] = []
     for start in range(0, rows.num_rows, cfg.batch_size):
         seeds = range(start, min(start + cfg.batch_size, rows.num_rows))
-        generators = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + s) for s in seeds]
+        generators = benchmark.row_generators(cfg, seeds)
         out = pipe(conditions={"xray": torch.from_numpy(xrays[start : start + len(seeds)]).unsqueeze(1)}, targets=["text"],
                    num_images_per_prompt=most, report_candidates=1, generator=[g for g in generators for _ in range(most)],
                    num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,

@@ -192,6 +192,11 @@ def display(split, key: str) -> np.ndarray:
 # ------------------------------------------------------------------------------------------- generation
 
 
+def row_generators(cfg: BenchmarkConfig, seeds: Sequence[int]) -> list[torch.Generator]:
+    """One generator per row: row ``s`` is seeded by ``(cfg.seed, s)``, whatever batch it lands in."""
+    return [torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(s)) for s in seeds]
+
+
 def generate(
     pipe,
     cfg: BenchmarkConfig,
@@ -210,7 +215,7 @@ def generate(
         prompts = [fit_prompt(pipe.tokenizer, p, cfg.max_text_tokens) for p in prompts]
     for start in range(0, len(seeds), cfg.batch_size):
         batch = slice(start, start + cfg.batch_size)
-        generators = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(s)) for s in seeds[batch]]
+        generators = row_generators(cfg, seeds[batch])
         result = pipe(
             prompt=list(prompts[batch]) if prompts is not None else None,
             conditions={k: torch.from_numpy(v[batch]).unsqueeze(1) for k, v in conditions.items()} if conditions else None,
@@ -384,8 +389,8 @@ def evaluate_report_generation(pipes: dict, train, test, cfg: BenchmarkConfig, s
             results["skipped"][name] = reason
             continue
         started = time.perf_counter()
-        candidates = {} if cfg.report_candidates is None else {"report_candidates": cfg.report_candidates}
-        text = generate(pipe, cfg, ["text"], list(range(rows.num_rows)), conditions={"xray": native(rows, "xray")}, **candidates)["text"]
+        text = generate(pipe, cfg, ["text"], list(range(rows.num_rows)), conditions={"xray": native(rows, "xray")},
+                        report_candidates=cfg.report_candidates)["text"]
         results[name] = {**score(text), "seconds": time.perf_counter() - started,
                          "report_candidates": pipe.resolve_report_candidates(cfg.report_candidates, ["text"])}
     # Nearest neighbour: the report of the training X-ray closest in pixels (model range, L2).

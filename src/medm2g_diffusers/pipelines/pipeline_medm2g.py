@@ -542,7 +542,7 @@ class MedM2GPipeline(DiffusionPipeline, MedM2GLoraLoaderMixin):
         """The call's report candidates: the default for its targets (1 when the caller fixed the initial noise:
         there is nothing to choose among), or ``report_candidates`` checked."""
         if report_candidates is None:
-            return DEFAULT_REPORT_CANDIDATES if isinstance(targets, (list, tuple)) and list(targets) == ["text"] and latents is None else 1
+            return DEFAULT_REPORT_CANDIDATES if list(targets) == ["text"] and latents is None else 1
         if isinstance(report_candidates, bool) or not isinstance(report_candidates, int) or report_candidates < 1:
             raise ValueError(f"report_candidates must be a positive integer; got {report_candidates!r}")
         if report_candidates > 1 and "text" not in targets:
@@ -778,7 +778,7 @@ class MedM2GPipeline(DiffusionPipeline, MedM2GLoraLoaderMixin):
 
         # 5. Reports: decode every candidate and keep, per sample, the consensus one with its other targets.
         text = None
-        if "text" in targets and output_type != "latent" or report_candidates > 1:
+        if ("text" in targets and output_type != "latent") or report_candidates > 1:
             text = self.text_vae.decode(
                 latents["text"][:, :, 0, 0] / self.text_vae.config.scaling_factor, self.tokenizer, max_new_tokens=max_new_tokens
             )
