@@ -197,7 +197,7 @@ def test_the_candidates_scored_are_those_a_report_candidates_call_chooses_from(c
         assert call.text == [candidates[row][int(pipe.choose_reports(candidates[row], 4)[0])]]
 
 
-def test_run_report_sweep_writes_the_page_and_json_with_the_validation_choice(tmp_path, monkeypatch):
+def test_run_report_sweep_writes_the_page_and_json_with_the_validation_choice(tmp_path):
     import argparse
     import json
 
@@ -205,9 +205,6 @@ def test_run_report_sweep_writes_the_page_and_json_with_the_validation_choice(tm
 
     from tiny_pipeline import get_dummy_pipeline
 
-    import torch
-
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the sweep sets them; later tests must not inherit it
     get_dummy_pipeline().save_pretrained(tmp_path / "model")
     seen = []
 
@@ -230,8 +227,19 @@ def test_classifier_noise_page_tabulates_call_rates_against_the_reports():
     called = probe.rates([{"haemorrhage"}, {"haemorrhage", "tumour"}, set(), set()], truth)
     assert called["called"] == {"haemorrhage": 0.5, "midline_shift": 0.0, "tumour": 0.25}
     assert called["exact"] == 0.75  # only head types count: the chest finding of the last patient is ignored
+    rates_noisier = probe.rates([set(), set(), set(), set()], truth)
     record = {"command": "python scripts/probe_classifier_noise.py", "model": "m", "classifiers": "c", "machine": "x86_64",
               "threads": 1, "seconds": 30.0, "n": 4, "reports": {"haemorrhage": 0.25, "midline_shift": 0.25, "tumour": 0.25},
-              "rows": [{"images": "real CTs", **called}]}
+              "classifier_probes": [
+                  {"classifier": "the benchmark's (c)", "real_validation": None, "rows": [{"images": "real CTs", **called}]},
+                  {"classifier": "training noise up to 0.02 (20 HU)",
+                   "real_validation": {"n": 400, "exact_set_accuracy": 0.7, "macro_f1": 0.72,
+                                       "f1": {"haemorrhage": 0.5, "midline_shift": 0.92, "tumour": 0.81}},
+                   "rows": [{"images": "real CTs", **rates_noisier}]}]}
     text = "\n".join(probe.page_lines(record))
-    assert "| the reports | 0.25 | 0.25 | 0.25 | – |" in text and "| real CTs | 0.50 | 0.00 | 0.25 | 0.750 |" in text
+    assert text.count("| the reports | 0.25 | 0.25 | 0.25 | – |") == 2 and "| real CTs | 0.50 | 0.00 | 0.25 | 0.750 |" in text
+    assert "### training noise up to 0.02 (20 HU)" in text and "| real CTs | 0.00 | 0.00 | 0.00 | 0.500 |" in text
+    assert "exact-set accuracy 0.700, macro F1 0.720; F1 haemorrhage 0.50, midline_shift 0.92, tumour 0.81." in text
+    assert probe.real_accuracy({"n": 4, "exact_set_accuracy": 0.5, "macro_f1": 0.4, "per_type": {
+        "haemorrhage": {"f1": None}, "midline_shift": {"f1": 1.0}, "tumour": {"f1": 0.5}, "nodule": {"f1": 0.1}}})["f1"] == {
+        "haemorrhage": 0.0, "midline_shift": 1.0, "tumour": 0.5}
