@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 from test_train_alignment import make_dataset, write_config
@@ -37,7 +38,11 @@ def test_quick_run_writes_the_documented_fields(tmp_path):
     config = write_budget_config(tmp_path)
     out = tmp_path / "alignment_cost.json"
     bench = load_benchmark()
-    summary = bench.main(["--config", str(config), "--quick", "--workdir", str(tmp_path / "work"), "--out", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        summary = bench.main(["--config", str(config), "--quick", "--workdir", str(tmp_path / "work"), "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # the benchmark sets its own thread count
     written = json.loads(out.read_text())
     assert written["command"].startswith("python benchmarks/alignment_cost.py")
     assert set(written["variants"]) == {"hub", "ct_mri", "pairwise", "hub_no_vi", "ct_mri_no_vi", "pairwise_no_vi"}

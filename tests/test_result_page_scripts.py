@@ -197,7 +197,7 @@ def test_the_candidates_scored_are_those_a_report_candidates_call_chooses_from(c
         assert call.text == [candidates[row][int(pipe.choose_reports(candidates[row], 4)[0])]]
 
 
-def test_run_report_sweep_writes_the_page_and_json_with_the_validation_choice(tmp_path):
+def test_run_report_sweep_writes_the_page_and_json_with_the_validation_choice(tmp_path, monkeypatch):
     import argparse
     import json
 
@@ -205,6 +205,9 @@ def test_run_report_sweep_writes_the_page_and_json_with_the_validation_choice(tm
 
     from tiny_pipeline import get_dummy_pipeline
 
+    import torch
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the sweep sets them; later tests must not inherit it
     get_dummy_pipeline().save_pretrained(tmp_path / "model")
     seen = []
 
