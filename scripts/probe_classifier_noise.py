@@ -80,15 +80,18 @@ def page_lines(record: dict) -> list[str]:
     return lines[:-1]
 
 
-def train_noisier(noise: float, log=print) -> MedM2GFindingClassifier:
+def training_cts():
+    """The benchmark's CT classifier training examples (its training patients, real CTs, its finding types)."""
+    train = benchmark.load_splits(None, benchmark.BenchmarkConfig(), 64, "validation")[0]
+    return finding_examples(train, "ct", benchmark.classifier_types("ct"))
+
+
+def train_noisier(examples, noise: float, log=print) -> MedM2GFindingClassifier:
     """A CT classifier trained as the benchmark trains its own, with training noise up to ``noise`` (model range)."""
     cfg = benchmark.BenchmarkConfig()
-    train = benchmark.load_splits(None, cfg, 64, "validation")[0]
-    types = benchmark.classifier_types("ct")
-    examples = finding_examples(train, "ct", types)
     log(f"training a CT classifier with noise up to {noise:g} on {len(examples.images)} real CTs")
-    return train_finding_classifier(examples.images, examples.labels, "ct", types, steps=cfg.classifier_steps,
-                                    batch_size=cfg.classifier_batch_size, seed=cfg.seed,
+    return train_finding_classifier(examples.images, examples.labels, "ct", benchmark.classifier_types("ct"),
+                                    steps=cfg.classifier_steps, batch_size=cfg.classifier_batch_size, seed=cfg.seed,
                                     augment=ClassifierAugmentation(noise_std=noise))
 
 
@@ -127,7 +130,9 @@ def main() -> None:
                    benchmark.generate(pipe, cfg, ["ct"], list(range(rows.num_rows)), prompts=list(rows["report"]))["ct"]))
 
     classifiers = [(f"the benchmark's ({args.classifiers})", MedM2GFindingClassifier.from_pretrained(str(Path(args.classifiers) / "ct")))]
-    classifiers += [(f"training noise up to {x:g} ({x * 1000:g} HU)", train_noisier(x)) for x in args.augment_noise]
+    if args.augment_noise:
+        examples = training_cts()  # built once for every noise level
+        classifiers += [(f"training noise up to {x:g} ({x * 1000:g} HU)", train_noisier(examples, x)) for x in args.augment_noise]
     validation_cts = finding_examples(held_out, "ct", benchmark.classifier_types("ct"))
     probes = []
     for name, classifier in classifiers:
