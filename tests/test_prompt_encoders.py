@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -134,3 +137,36 @@ def test_from_minilm_loads_pretrained_text_weights():
     reference = BertModel.from_pretrained(str(minilm_path()), add_pooling_layer=False)
     name = "embeddings.word_embeddings.weight"
     assert torch.equal(model.text_encoder.state_dict()[name], reference.state_dict()[name])
+
+
+def test_down_block_backward_on_two_threads_with_nhwc_tensors():
+    """The residual path of `DownBlock` survives backward on channels-last tensors on two threads.
+
+    A stride-2 1x1 conv there crashed (heap corruption) in oneDNN's backward-weights kernel
+    (uxlfoundation/oneDNN#6035); train_alignment.py hit it through the image encoders' stem. Run in a subprocess so
+    a regression fails this test instead of killing pytest.
+    """
+    script = textwrap.dedent(
+        """
+        import torch
+        import torch.nn.functional as F
+        from medm2g_diffusers.models.prompt_encoders import DownBlock
+
+        torch.set_num_threads(2)
+        torch.manual_seed(0)
+        block = DownBlock(8, 8, 4)
+        # Same arithmetic as a stride-2 1x1 conv, odd sides included.
+        odd = torch.randn(2, 8, 17, 17)
+        expected = F.conv2d(odd, block.skip.weight, block.skip.bias, stride=2)
+        torch.testing.assert_close(block.skip(odd[:, :, ::2, ::2]), expected)
+        assert block(odd).shape == (2, 8, 9, 9)
+        x = torch.randn(3, 8, 16, 16).to(memory_format=torch.channels_last).requires_grad_()
+        for _ in range(50):
+            out = block(x)
+            out.backward(torch.randn_like(out).to(memory_format=torch.channels_last))
+        print("survived", tuple(out.shape))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "survived (3, 8, 8, 8)" in result.stdout

@@ -109,7 +109,7 @@ def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> to
 
 
 class DownBlock(nn.Module):
-    """Halves the resolution: stride-2 conv, conv, GroupNorm + SiLU, with a strided 1x1 residual path."""
+    """Halves the resolution: stride-2 conv, conv, GroupNorm + SiLU, with a 1x1 residual path on every other pixel."""
 
     def __init__(self, in_channels: int, out_channels: int, norm_num_groups: int):
         super().__init__()
@@ -117,10 +117,14 @@ class DownBlock(nn.Module):
         self.norm1 = nn.GroupNorm(norm_num_groups, out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.norm2 = nn.GroupNorm(norm_num_groups, out_channels)
-        self.skip = nn.Conv2d(in_channels, out_channels, 1, stride=2)
+        # Stride 1 on a strided view rather than a stride-2 1x1 conv: the same arithmetic (and state dict), but
+        # oneDNN's stride-2 1x1 backward-weights kernel corrupts the heap on channels-last tensors with few
+        # channels when torch runs on more than one thread (uxlfoundation/oneDNN#6035), and a (B, 1, H, W)
+        # image makes the stem's output channels-last.
+        self.skip = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        residual = self.skip(hidden_states)
+        residual = self.skip(hidden_states[:, :, ::2, ::2])
         hidden_states = F.silu(self.norm1(self.conv1(hidden_states)))
         hidden_states = self.norm2(self.conv2(hidden_states))
         return F.silu(hidden_states + residual)
