@@ -60,6 +60,7 @@ def test_stochastic_steps_draw_from_the_calls_generator(pipe, scheduler, eta):
 
 SCRIPT = """
 import sys, numpy as np, torch
+torch.set_num_threads({threads})  # the same reduction order as this process
 sys.path.insert(0, {tests!r})
 from tiny_pipeline import get_dummy_pipeline
 pipe = get_dummy_pipeline()
@@ -69,9 +70,10 @@ np.savez(sys.argv[1], **out.images)
 
 
 def test_same_seed_same_output_across_processes(pipe, tmp_path):
-    """A fresh interpreter (new allocator state, new thread pool) reproduces this process's output bit for bit."""
+    """A fresh interpreter (new allocator state, new thread pool of the same size) reproduces this process's output
+    bit for bit."""
     path = tmp_path / "other_process.npz"
-    subprocess.run([sys.executable, "-c", SCRIPT.format(tests=str(Path(__file__).parent), prompt=A), str(path)], check=True, timeout=240)
+    subprocess.run([sys.executable, "-c", SCRIPT.format(tests=str(Path(__file__).parent), prompt=A, threads=torch.get_num_threads()), str(path)], check=True, timeout=240)
     here = pipe(prompt=A, targets=["xray", "mri_t2"], generator=torch.Generator().manual_seed(7), num_inference_steps=3, output_type="np")
     there = np.load(path)
     for target in ("xray", "mri_t2"):

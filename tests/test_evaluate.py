@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from medm2g_diffusers.cli import main
@@ -56,8 +57,10 @@ def test_classifiers_are_cached_and_reused(evaluated, tmp_path):
     root, results = evaluated
     cache = root / "out" / "finding_classifiers"
     assert sorted(p.name for p in cache.iterdir()) == ["ct", "mri_t1", "mri_t2", "xray"]
+    torch.set_num_threads(2)
     code = main(["evaluate", "--quick", "--model", str(root / "tiny"), "--out", str(tmp_path), "--classifiers", str(cache), "--threads", "1"])
     assert code == 0
+    assert torch.get_num_threads() == 2  # --threads held for the command only
     again = json.loads((tmp_path / "benchmark.json").read_text())
     assert again["finding_classifiers"] == results["finding_classifiers"]
     assert again["image_to_image"]["T2+PD -> T1"]["tiny"]["psnr"] == results["image_to_image"]["T2+PD -> T1"]["tiny"]["psnr"]

@@ -246,3 +246,28 @@ def test_classifier_noise_page_tabulates_call_rates_against_the_reports():
     assert probe.real_accuracy({"n": 4, "exact_set_accuracy": 0.5, "macro_f1": 0.4, "per_type": {
         "haemorrhage": {"f1": None}, "midline_shift": {"f1": 1.0}, "tumour": {"f1": 0.5}, "nodule": {"f1": 0.1}}})["f1"] == {
         "haemorrhage": 0.0, "midline_shift": 1.0, "tumour": 0.5}
+
+
+def test_retrieval_ceiling_counts_what_a_blind_encoder_cannot_tell_apart():
+    ceiling = load_script("scripts/measure_retrieval_ceiling.py")
+    nodule = frozenset({("nodule", "left", "upper")})
+    effusion = frozenset({("pleural_effusion", "left", None)})
+    # One report with a nodule, two normal ones, one effusion: blind to nodules, the first three look alike.
+    signatures = [("chest", nodule), ("chest", frozenset()), ("chest", frozenset()), ("chest", effusion)]
+    assert ceiling.agreement_ceiling(signatures, ())["mean"] == 1.0
+    blind = ceiling.agreement_ceiling(signatures, ("nodule",))
+    assert blind["text_to_image"] == pytest.approx(((1 + 4) / 3 + 1) / 4)  # a random look-alike: 1/3 and 2/3 right
+    assert blind["image_to_text"] == pytest.approx((2 + 1) / 4)  # the most common look-alike report
+    assert blind["mean"] == pytest.approx((blind["text_to_image"] + blind["image_to_text"]) / 2)
+    # The anatomy is part of the signature: a normal head never stands in for a normal chest.
+    assert ceiling.agreement_ceiling([("chest", frozenset()), ("head", frozenset())], ("nodule",))["mean"] == 1.0
+
+
+def test_retrieval_ceiling_page_shows_every_row():
+    ceiling = load_script("scripts/measure_retrieval_ceiling.py")
+    rows = [{"split": "test", "pair": "text-xray", "hidden": hidden, "n": 208, "text_to_image": 0.5, "image_to_text": 0.7,
+             "mean": 0.6} for hidden in ([], ["nodule", "mass"])]
+    page = "\n".join(ceiling.page_lines({"command": "python scripts/measure_retrieval_ceiling.py", "machine": "x86_64",
+                                         "seconds": 3.0, "rows": rows}))
+    assert "| test | text-xray | 208 | none | 0.500 | 0.700 | 0.600 |" in page
+    assert "| test | text-xray | 208 | nodule, mass |" in page

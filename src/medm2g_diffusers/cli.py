@@ -275,17 +275,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .evaluation.benchmark import BenchmarkConfig, run_benchmark, save_results
-    from .evaluation.benchmark_tables import markdown_tables
-    from .training_utils import atomic_write_text
+    from .evaluation.benchmark import BenchmarkConfig
 
     cfg = BenchmarkConfig.quick() if args.quick else BenchmarkConfig()
     overrides = {"num_inference_steps": args.steps, "seed": args.seed, "fid": False if args.no_fid else None,
                  "report_candidates": args.report_candidates,
                  "text_to_image_targets": tuple(args.text_to_image_targets) if args.text_to_image_targets else None}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    # --threads holds for this command only: run in-process (tests, notebooks), it must not leave torch there.
+    callers_threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return _run_evaluate(args, cfg)
+    finally:
+        torch.set_num_threads(callers_threads)
+
+
+def _run_evaluate(args: argparse.Namespace, cfg) -> int:
+    """`medm2g evaluate` once the config and threads are set: load, benchmark, write JSON and Markdown."""
+    from .evaluation.benchmark import run_benchmark, save_results
+    from .evaluation.benchmark_tables import markdown_tables
+    from .training_utils import atomic_write_text
+
     pipe = load_pipeline(args.model, args.revision)
     pipe.set_progress_bar_config(disable=True)
     baselines = {}
