@@ -12,7 +12,15 @@ Variants (each trained by ``training/train_alignment.py`` with the same config, 
   (``alignment.soft_targets=0.8``: reports the labeller reads as the same findings share 0.8 of the target);
 * ``central_vi_ct_frozen`` (only when asked): ``central_vi`` with the CT encoder frozen in the ct-mri round
   (the tiny config's 800 + 200 steps), so that round cannot move CT away from the text it was aligned to;
-* ``central_vi_soft_ct_frozen`` (only when asked): both of the above.
+* ``central_vi_soft_ct_frozen`` (only when asked): both of the above;
+* ``central_vi_mild_aug`` (only when asked): ``central_vi`` with the finding classifiers' mild augmentation
+  instead of the config's (whose noise of up to 0.05, 50 HU on CT, exceeds the contrast of a head bleed);
+* ``central_vi_mild_aug_ct_frozen`` (only when asked): the mild augmentation with the CT encoder frozen in the
+  ct-mri round;
+* ``central_vi_minimal_aug`` (only when asked): weaker augmentation still (views barely differ);
+* ``central_vi_mild_aug_ct_frozen_ct_windows`` (only when asked): ``central_vi_mild_aug_ct_frozen`` whose CT
+  encoder also reads the brain and soft-tissue windows as input channels (``model.input_windows``), as the
+  finding classifiers do.
 
 Every model is scored on the TEST split: Recall@1/@5 and top-1 finding agreement (with the agreement of a
 random pairing as chance) for text<->xray, text<->ct, text<->mri, xray<->mri (never trained directly in the
@@ -33,6 +41,9 @@ from pathlib import Path
 
 import torch
 
+from medm2g_diffusers.evaluation.benchmark_tables import write_page_keeping_notes
+from medm2g_diffusers.training_utils import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "central_vi": [],
@@ -47,7 +58,22 @@ VARIANTS = {
                              "trainable: [mri], steps: 200}]"],
 }
 VARIANTS["central_vi_soft_ct_frozen"] = VARIANTS["central_vi_soft"] + VARIANTS["central_vi_ct_frozen"]
+# The finding classifiers' augmentation strength (docs/decisions.md): about +-2 px of shift, 3 degrees, 5 % contrast,
+# 0.01 brightness and noise of at most 0.005 (5 HU), below the contrast of the smallest findings.
+VARIANTS["central_vi_mild_aug"] = ["--set", "alignment.augment.crop_scale=[0.88, 1.0]", "--set", "alignment.augment.crop_ratio=[0.95, 1.05]",
+                                   "--set", "alignment.augment.max_rotation_deg=3", "--set", "alignment.augment.brightness=0.01",
+                                   "--set", "alignment.augment.contrast=0.05", "--set", "alignment.augment.noise_std=0.005"]
+VARIANTS["central_vi_mild_aug_ct_frozen"] = VARIANTS["central_vi_mild_aug"] + VARIANTS["central_vi_ct_frozen"]
+# + the finding classifiers' CT input windows (brain -20..100 HU, soft tissue -160..240 HU) as extra input channels.
+VARIANTS["central_vi_mild_aug_ct_frozen_ct_windows"] = VARIANTS["central_vi_mild_aug_ct_frozen"] + [
+    "--set", "alignment.model.input_windows={ct: [[-0.02, 0.1], [-0.16, 0.24]]}"]
+# Weaker still: about +-1 px, 1 degree, 2 % contrast, noise of at most 0.002 (the views barely differ for VI).
+VARIANTS["central_vi_minimal_aug"] = ["--set", "alignment.augment.crop_scale=[0.95, 1.0]", "--set", "alignment.augment.crop_ratio=[0.98, 1.02]",
+                                      "--set", "alignment.augment.max_rotation_deg=1", "--set", "alignment.augment.brightness=0.005",
+                                      "--set", "alignment.augment.contrast=0.02", "--set", "alignment.augment.noise_std=0.002"]
 TABLE_PAIRS = ("text-xray", "text-ct", "text-mri", "xray-mri", "xray-ct", "ct-mri")
+ANATOMIES = ("chest", "head")
+ANATOMY_PAIRS = (("text", "ct"), ("text", "mri"), ("ct", "mri"))
 
 
 def load_training_script():
@@ -87,6 +113,9 @@ def main() -> None:
     dataset = ta.load_medm2g_dataset(dataset_path)
     image_keys = [k for f in ("xray", "ct", "mri") for k in ta.modalities_of_family(f)]
     test_data = ta.AlignmentData(dataset["test"], image_keys)
+    # CT and MRI galleries mix chest and head patients; each anatomy is also scored on its own gallery.
+    anatomy_data = {anatomy: ta.AlignmentData(dataset["test"].filter(lambda row: row["anatomy"] == anatomy).flatten_indices(), image_keys)
+                    for anatomy in ANATOMIES}
 
     # One report tokenizer for every scratch variant: stage 0's if it exists, else trained once here.
     tokenizer_dir = Path(config.get("output_root", "runs/tiny")) / "tokenizer"
@@ -117,13 +146,16 @@ def main() -> None:
 
         tokenizer = (ta.AutoTokenizer.from_pretrained(str(output_dir / "tokenizer")) if "minilm" in name
                      else ta.PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir)))
-        rounds = {}
+        rounds, by_anatomy = {}, {}
         for round_dir in sorted((output_dir / "rounds").iterdir()):
             model = ta.MedM2GPromptEncoders.from_pretrained(str(round_dir))
             with torch.no_grad():
                 rounds[round_dir.name] = ta.evaluate_retrieval(model, test_data, tokenizer, cfg["max_text_length"])
+                by_anatomy[round_dir.name] = {
+                    anatomy: ta.evaluate_retrieval(model, data, tokenizer, cfg["max_text_length"], pairs=ANATOMY_PAIRS)
+                    for anatomy, data in anatomy_data.items()}
         final = "ct_mri" if "ct_mri" in rounds else sorted(rounds)[-1]
-        results[name] = {**summary, "rounds": rounds, "final_round": final}
+        results[name] = {**summary, "rounds": rounds, "by_anatomy": by_anatomy, "final_round": final}
         print(f"{name}: trained in {summary['train_wall_time_s']:.0f} s\n{ta.format_retrieval(rounds[final])}", flush=True)
 
     meta = {
@@ -140,8 +172,8 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    out.with_suffix(".md").write_text(render_markdown(meta, results))
+    atomic_write_text(out.with_suffix(".json"), json.dumps({"meta": meta, "results": results}, indent=2))
+    write_page_keeping_notes(out.with_suffix(".md"), render_markdown(meta, results).rstrip("\n").split("\n"))
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
 
 
@@ -161,6 +193,28 @@ def render_markdown(meta: dict, results: dict) -> str:
     ]
     for name, entry in results.items():
         lines.append(f"| {name} | {entry['train_wall_time_s']:.0f} | {entry['steps']} |")
+    if len(results) > 1:
+        lines += ["", "Top-1 finding agreement after each variant's last round (the sections below add R@k and earlier rounds):", "",
+                  "| scheme | " + " | ".join(TABLE_PAIRS) + " |", "|---" * (len(TABLE_PAIRS) + 1) + "|"]
+        for name, entry in results.items():
+            final = entry["rounds"][entry["final_round"]]
+            cells = [f"{final[p]['mean']['finding_agreement']:.3f}" if p in final else "–" for p in TABLE_PAIRS]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if any("by_anatomy" in entry for entry in results.values()):
+        pairs = [f"{a}-{b}" for a, b in ANATOMY_PAIRS]
+        lines += ["", "Top-1 finding agreement (chance) on each anatomy's own gallery, after each variant's last round:", "",
+                  "| scheme | " + " | ".join(f"{p} {anatomy}" for p in pairs for anatomy in ANATOMIES) + " |",
+                  "|---" * (len(pairs) * len(ANATOMIES) + 1) + "|"]
+        for name, entry in results.items():
+            if "by_anatomy" not in entry:
+                continue
+            final = entry["by_anatomy"][entry["final_round"]]
+            cells = []
+            for pair in pairs:
+                for anatomy in ANATOMIES:
+                    m = final[anatomy].get(pair, {}).get("mean")
+                    cells.append("–" if m is None else f"{m['finding_agreement']:.3f} ({m['finding_agreement_chance']:.3f})")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for name, entry in results.items():
         lines += ["", f"## {name}", "", "| pair | round | R@1 | R@5 | top-1 finding agreement | chance | n |", "|---|---|---|---|---|---|---|"]
         final = entry["final_round"]

@@ -288,7 +288,8 @@ def render(results: dict, alignment: dict | None, args) -> str:
                   "[alignment-variants.md](alignment-variants.md): label-aware (soft-target) InfoNCE and a CT-frozen ct-mri round "
                   "against the default, 1,000 steps each. [alignment-minilm.md](alignment-minilm.md): the pretrained MiniLM text "
                   "encoder against the scratch one, 500 steps each. [retrieval-ceiling.md](retrieval-ceiling.md): the agreement "
-                  "a perfect encoder blind to nodules (and masses) could reach."]
+                  "a perfect encoder blind to nodules (and masses) could reach. [alignment-augment.md](alignment-augment.md): the "
+                  "finding classifiers' milder augmentation against the config's, 1,000 and 2,000 steps."]
     lines += ["", "## Single-flow text -> image", "",
               f"![real / generated pairs]({results['montage']})", "",
               "Pairs of rows: the real phantom, then each family's single-flow LDM sampled from that patient's report "

@@ -116,6 +116,33 @@ def test_families_config_and_input_errors():
         get_dummy_model(text_backbone="gpt")
 
 
+def test_input_windows_add_channels_that_see_small_intensity_differences(tmp_path):
+    model = get_dummy_model(input_windows={"ct": [[-0.02, 0.1], [-0.16, 0.24]]}).eval()
+    assert model.image_encoders["ct"].conv_in.in_channels == 3
+    assert model.image_encoders["xray"].conv_in.in_channels == 1
+    images = torch.full((2, 1, SIZE, SIZE), 0.03)  # 30 HU: grey matter
+    bleed = images.clone()
+    bleed[1, :, 4:10, 4:10] = 0.06  # 60 HU: an acute bleed, 0.03 brighter
+    seen = []
+    model.image_encoders["ct"].conv_in.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        tokens = model.encode("ct", images).tokens
+        # The image, then the brain window (-20..100 HU), where the bleed is 0.5 brighter, then soft tissue.
+        assert seen[-1].shape == (2, 3, SIZE, SIZE)
+        model.encode("ct", bleed)
+        torch.testing.assert_close(seen[-1][1, :, 5, 5] - seen[-2][1, :, 5, 5], torch.tensor([0.03, 0.5, 0.15]))
+        assert not torch.equal(model.encode("ct", bleed).tokens[1], tokens[1])
+    model.save_pretrained(tmp_path)
+    reloaded = MedM2GPromptEncoders.from_pretrained(tmp_path).eval()
+    assert reloaded.config.input_windows == {"ct": [[-0.02, 0.1], [-0.16, 0.24]]}
+    with torch.no_grad():
+        assert torch.equal(reloaded.encode("ct", bleed).tokens, model.encode("ct", bleed).tokens)
+    with pytest.raises(ValueError, match="input_windows keys must be imaging families"):
+        get_dummy_model(input_windows={"text": [[-0.5, 0.5]]})
+    with pytest.raises(ValueError, match=r"input_windows\['ct'\] must be \[low, high\] pairs"):
+        get_dummy_model(input_windows={"ct": [[0.5, -0.5]]})
+
+
 def test_from_minilm_refuses_a_text_shape():
     # MiniLM brings its own shape; a scratch encoder's text_* keys must not reach the constructor twice.
     with pytest.raises(ValueError, match=r"do not pass \['text_hidden_size', 'text_num_layers'\]"):

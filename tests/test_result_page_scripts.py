@@ -271,3 +271,23 @@ def test_retrieval_ceiling_page_shows_every_row():
                                          "seconds": 3.0, "rows": rows}))
     assert "| test | text-xray | 208 | none | 0.500 | 0.700 | 0.600 |" in page
     assert "| test | text-xray | 208 | nodule, mass |" in page
+
+
+def test_alignment_page_summarises_each_variants_last_round():
+    alignment = load_script("scripts/measure_alignment.py")
+
+    def scores(agreement):
+        return {"mean": {"recall@1": 0.1, "recall@5": 0.3, "finding_agreement": agreement, "finding_agreement_chance": 0.07, "n": 400}}
+
+    results = {name: {"train_wall_time_s": 600.0, "steps": 1000, "final_round": "ct_mri",
+                      "rounds": {"hub": {"text-ct": scores(0.9)}, "ct_mri": {"text-ct": scores(agreement), "text-xray": scores(0.5)}}}
+               for name, agreement in (("central_vi", 0.2), ("central_vi_mild_aug", 0.38))}
+    meta = {"command": "python scripts/measure_alignment.py", "machine": "x86_64", "dataset": "d", "split": "test", "test_patients": 400}
+    page = alignment.render_markdown(meta, results)
+    assert "| central_vi_mild_aug | 0.500 | 0.380 | – | – | – | – |" in page  # the last round, not the hub's 0.9
+    assert "| text-ct | after hub | 0.100 | 0.300 | 0.900 | 0.070 | 400 |" in page
+    single = alignment.render_markdown(meta, {"central_vi": results["central_vi"]})
+    assert "after each variant's last round" not in single and "own gallery" not in single
+    results["central_vi"]["by_anatomy"] = {"ct_mri": {"chest": {"text-ct": scores(0.6)}, "head": {"text-ct": scores(0.05), "ct-mri": scores(0.4)}}}
+    page = alignment.render_markdown(meta, results)
+    assert "| central_vi | 0.600 (0.070) | 0.050 (0.070) | – | – | – | 0.400 (0.070) |" in page

@@ -26,7 +26,7 @@ from torch import nn
 from ..data.datasets import has_image
 from ..data.phantoms import FINDING_VOCABULARY
 from ..modalities import get_modality, to_model_range
-from ..models.prompt_encoders import DownBlock  # the prompt encoders' residual stride-2 block
+from ..models.prompt_encoders import DownBlock, check_input_windows, stack_input_windows  # shared with the prompt encoders
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -133,9 +133,7 @@ class MedM2GFindingClassifier(ModelMixin, ConfigMixin):
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1); got {threshold}")
 
-        for window in input_windows:
-            if len(window) != 2 or not -1.0 <= window[0] < window[1] <= 1.0:
-                raise ValueError(f"input_windows must be [low, high] pairs with -1 <= low < high <= 1; got {window!r}")
+        check_input_windows(input_windows)
 
         self.conv_in = nn.Conv2d(1 + len(input_windows), stem_channels, 3, padding=1)
         self.norm_in = nn.GroupNorm(norm_num_groups, stem_channels)
@@ -162,8 +160,7 @@ class MedM2GFindingClassifier(ModelMixin, ConfigMixin):
         size = self.config.image_size
         if images.ndim != 4 or images.shape[1] != 1 or tuple(images.shape[2:]) != (size, size):
             raise ValueError(f"images must have shape (batch, 1, {size}, {size}); got {tuple(images.shape)}")
-        windows = [((images - low) / (high - low) * 2 - 1).clamp(-1, 1) for low, high in self.config.input_windows]
-        hidden_states = torch.cat([images, *windows], dim=1) if windows else images
+        hidden_states = stack_input_windows(images, self.config.input_windows)
         hidden_states = F.silu(self.norm_in(self.conv_in(hidden_states)))
         for block in self.down_blocks:
             hidden_states = block(hidden_states)

@@ -108,6 +108,22 @@ def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> to
 
 
 
+def check_input_windows(windows, name: str = "input_windows") -> list[list[float]]:
+    """``windows`` as a list of ``[low, high]`` model-range pairs, or a ValueError naming ``name``."""
+    windows = [list(window) for window in windows]
+    for window in windows:
+        if len(window) != 2 or not -1.0 <= window[0] < window[1] <= 1.0:
+            raise ValueError(f"{name} must be [low, high] pairs with -1 <= low < high <= 1; got {window!r}")
+    return windows
+
+
+def stack_input_windows(images: torch.Tensor, windows: list[list[float]]) -> torch.Tensor:
+    """``(B, 1, H, W)`` -> ``(B, 1 + len(windows), H, W)``: the image, then each fixed intensity window of it,
+    ``clip((x - low) / (high - low) * 2 - 1, -1, 1)``, as a radiologist reads a head CT in a brain window."""
+    channels = [((images - low) / (high - low) * 2 - 1).clamp(-1, 1) for low, high in windows]
+    return torch.cat([images, *channels], dim=1) if channels else images
+
+
 class DownBlock(nn.Module):
     """Halves the resolution: stride-2 conv, conv, GroupNorm + SiLU, with a 1x1 residual path on every other pixel."""
 
@@ -141,17 +157,27 @@ class ImageEncoder(nn.Module):
         num_contrasts: > 1 adds a learned contrast embedding, added to the stem's features so every later
             layer knows which contrast it is looking at.
         norm_num_groups: GroupNorm groups (GroupNorm rather than BatchNorm: retrieval batches can be tiny).
+        input_windows: fixed ``[low, high]`` intensity windows (model range) stacked onto the image as extra
+            input channels (:func:`stack_input_windows`).
     """
 
     def __init__(
-        self, block_out_channels: list[int], token_grid: int, num_contrasts: int, norm_num_groups: int, patch_size: int = 1
+        self,
+        block_out_channels: list[int],
+        token_grid: int,
+        num_contrasts: int,
+        norm_num_groups: int,
+        patch_size: int = 1,
+        input_windows: list[list[float]] = (),
     ):
         super().__init__()
         stem = block_out_channels[0]
+        self.input_windows = [list(window) for window in input_windows]
+        in_channels = 1 + len(self.input_windows)
         if patch_size > 1:
-            self.conv_in = nn.Conv2d(1, stem, patch_size, stride=patch_size)
+            self.conv_in = nn.Conv2d(in_channels, stem, patch_size, stride=patch_size)
         else:
-            self.conv_in = nn.Conv2d(1, stem, 3, padding=1)
+            self.conv_in = nn.Conv2d(in_channels, stem, 3, padding=1)
         self.contrast_embedding = nn.Embedding(num_contrasts, stem) if num_contrasts > 1 else None
         channels = [stem, *block_out_channels]
         self.down_blocks = nn.ModuleList(
@@ -164,7 +190,7 @@ class ImageEncoder(nn.Module):
         self.norm_pooled = nn.LayerNorm(hidden)
 
     def forward(self, images: torch.Tensor, contrast_index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden_states = self.conv_in(images)
+        hidden_states = self.conv_in(stack_input_windows(images, self.input_windows))
         if self.contrast_embedding is not None:
             index = torch.full((images.shape[0],), contrast_index, dtype=torch.long, device=images.device)
             hidden_states = hidden_states + self.contrast_embedding(index)[:, :, None, None]
@@ -233,6 +259,11 @@ class MedM2GPromptEncoders(ModelMixin, ConfigMixin):
             exact resumption relies on.
         barlow_twins_dim (`int`, defaults to 256):
             Width of the Barlow Twins projectors (training only).
+        input_windows (`dict[str, list[list[float]]]`, *optional*):
+            Imaging family -> fixed `[low, high]` intensity windows in the model range, each stacked onto that
+            family's image as an extra input channel (e.g. CT's brain and soft-tissue windows,
+            `evaluation.finding_classifier.default_input_windows("ct")`): in the `[-1000, 1000]` HU range a head
+            bleed differs from grey matter by 0.03, which a brain window stretches across most of `[-1, 1]`.
     """
 
     @register_to_config
@@ -256,6 +287,7 @@ class MedM2GPromptEncoders(ModelMixin, ConfigMixin):
         text_pad_token_id: int = 0,
         text_dropout: float = 0.0,
         barlow_twins_dim: int = 256,
+        input_windows: dict[str, list[list[float]]] | None = None,
     ):
         super().__init__()
         families = list(families)
@@ -280,6 +312,11 @@ class MedM2GPromptEncoders(ModelMixin, ConfigMixin):
                 f"block_out_channels={list(block_out_channels)}"
             )
         num_contrasts = dict(num_contrasts) if num_contrasts is not None else dict(DEFAULT_NUM_CONTRASTS)
+        input_windows = dict(input_windows or {})
+        not_imaging = sorted(f for f in input_windows if f not in families or f == TEXT_FAMILY)
+        if not_imaging:
+            raise ValueError(f"input_windows keys must be imaging families among {families}; got {not_imaging}")
+        input_windows = {f: check_input_windows(w, f"input_windows[{f!r}]") for f, w in input_windows.items()}
 
         self.text_encoder = None
         if TEXT_FAMILY in families:
@@ -299,7 +336,8 @@ class MedM2GPromptEncoders(ModelMixin, ConfigMixin):
         self.image_encoders = nn.ModuleDict(
             {
                 family: ImageEncoder(
-                    list(block_out_channels), token_grid, num_contrasts.get(family, 1), norm_num_groups, patch_size
+                    list(block_out_channels), token_grid, num_contrasts.get(family, 1), norm_num_groups, patch_size,
+                    input_windows.get(family, ()),
                 )
                 for family in families
                 if family != TEXT_FAMILY
