@@ -20,7 +20,8 @@ Variants (each trained by ``training/train_alignment.py`` with the same config, 
 * ``central_vi_minimal_aug`` (only when asked): weaker augmentation still (views barely differ);
 * ``central_vi_mild_aug_ct_frozen_ct_windows`` (only when asked): ``central_vi_mild_aug_ct_frozen`` whose CT
   encoder also reads the brain and soft-tissue windows as input channels (``model.input_windows``), as the
-  finding classifiers do.
+  finding classifiers do;
+* ``central_vi_mild_aug_ct_windows`` (only when asked): the same with CT trainable in the ct-mri round (base.yaml).
 
 Every model is scored on the TEST split: Recall@1/@5 and top-1 finding agreement (with the agreement of a
 random pairing as chance) for text<->xray, text<->ct, text<->mri, xray<->mri (never trained directly in the
@@ -65,8 +66,9 @@ VARIANTS["central_vi_mild_aug"] = ["--set", "alignment.augment.crop_scale=[0.88,
                                    "--set", "alignment.augment.contrast=0.05", "--set", "alignment.augment.noise_std=0.005"]
 VARIANTS["central_vi_mild_aug_ct_frozen"] = VARIANTS["central_vi_mild_aug"] + VARIANTS["central_vi_ct_frozen"]
 # + the finding classifiers' CT input windows (brain -20..100 HU, soft tissue -160..240 HU) as extra input channels.
-VARIANTS["central_vi_mild_aug_ct_frozen_ct_windows"] = VARIANTS["central_vi_mild_aug_ct_frozen"] + [
-    "--set", "alignment.model.input_windows={ct: [[-0.02, 0.1], [-0.16, 0.24]]}"]
+CT_WINDOWS = ["--set", "alignment.model.input_windows={ct: [[-0.02, 0.1], [-0.16, 0.24]]}"]
+VARIANTS["central_vi_mild_aug_ct_frozen_ct_windows"] = VARIANTS["central_vi_mild_aug_ct_frozen"] + CT_WINDOWS
+VARIANTS["central_vi_mild_aug_ct_windows"] = VARIANTS["central_vi_mild_aug"] + CT_WINDOWS  # base.yaml's alignment
 # Weaker still: about +-1 px, 1 degree, 2 % contrast, noise of at most 0.002 (the views barely differ for VI).
 VARIANTS["central_vi_minimal_aug"] = ["--set", "alignment.augment.crop_scale=[0.95, 1.0]", "--set", "alignment.augment.crop_ratio=[0.98, 1.02]",
                                       "--set", "alignment.augment.max_rotation_deg=1", "--set", "alignment.augment.brightness=0.005",
