@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import platform
 import time
 from collections import Counter, defaultdict
@@ -36,7 +35,6 @@ from medm2g_diffusers.evaluation.measure_scripts import write_record
 
 ROOT = Path(__file__).resolve().parents[1]
 HIDDEN_SETS = ((), ("nodule",), ("nodule", "mass"))
-ANATOMY_OF = {"xray": "chest", "ct": None}  # CT has chest and head patients; X-ray only chest ones
 
 
 def load_training_script():
@@ -70,9 +68,8 @@ def measure(dataset: Path, splits: list[str]) -> list[dict]:
     data = load_from_disk(str(dataset))
     rows = []
     for split in splits:
-        table = data[split].select_columns(["anatomy", "findings", "xray", "ct"])
-        for image in ("xray", "ct"):
-            present = [r for r in table.select_columns(["anatomy", "findings", image]) if r[image] is not None]
+        for image in ("xray", "ct"):  # X-ray galleries hold chest patients only; CT ones chest and head
+            present = [r for r in data[split].select_columns(["anatomy", "findings", image]) if r[image] is not None]
             signatures = [train_alignment.finding_signature(r["findings"], r["anatomy"]) for r in present]
             for hidden in HIDDEN_SETS:
                 rows.append({"split": split, "pair": f"text-{image}", "hidden": list(hidden), "n": len(signatures),

@@ -107,7 +107,6 @@ def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> to
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
-
 def check_input_windows(windows, name: str = "input_windows") -> list[list[float]]:
     """``windows`` as a list of ``[low, high]`` model-range pairs, or a ValueError naming ``name``."""
     windows = [list(window) for window in windows]
