@@ -11,7 +11,8 @@ Variants (each trained by ``training/train_alignment.py`` with the same config, 
 * ``central_vi_soft`` (only when asked): ``central_vi`` with label-aware InfoNCE targets
   (``alignment.soft_targets=0.8``: reports the labeller reads as the same findings share 0.8 of the target);
 * ``central_vi_ct_frozen`` (only when asked): ``central_vi`` with the CT encoder frozen in the ct-mri round
-  (the tiny config's 800 + 200 steps), so that round cannot move CT away from the text it was aligned to;
+  (1,600 + 400 steps, tiny.yaml's), so that round cannot move CT away from the text it was aligned to;
+  ``central_vi_ct_trainable``: with CT trainable in that round;
 * ``central_vi_soft_ct_frozen`` (only when asked): both of the above;
 * ``central_vi_mild_aug`` (only when asked): ``central_vi`` with the finding classifiers' mild augmentation
   instead of the config's (whose noise of up to 0.05, 50 HU on CT, exceeds the contrast of a head bleed);
@@ -22,6 +23,12 @@ Variants (each trained by ``training/train_alignment.py`` with the same config, 
   encoder also reads the brain and soft-tissue windows as input channels (``model.input_windows``), as the
   finding classifiers do;
 * ``central_vi_mild_aug_ct_windows`` (only when asked): the same with CT trainable in the ct-mri round (base.yaml).
+* ``central_vi_strong_aug`` (only when asked): tiny.yaml's alignment before the r34 retrain (the bundled
+  medm2g-tiny of cf78f35): strong views (70 % crops, 8 degrees, noise up to 0.05), CT trainable in the ct-mri
+  round, no CT windows, 800 + 200 steps. The pages made before that retrain call it ``central_vi``.
+
+Every variant overrides the config it is given, so a variant's name means a different setting under another
+config; the pages name their config and the commit of tiny.yaml they ran with.
 
 Every model is scored on the TEST split: Recall@1/@5 and top-1 finding agreement (with the agreement of a
 random pairing as chance) for text<->xray, text<->ct, text<->mri, xray<->mri (never trained directly in the
@@ -37,6 +44,7 @@ import argparse
 import importlib.util
 import json
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -53,11 +61,19 @@ VARIANTS = {
     # A pretrained encoder takes a small step (the config's advice); the heads keep the config's rate.
     "central_vi_minilm": ["--set", "alignment.text_backbone=minilm", "--set", "alignment.text_learning_rate=1.0e-4"],
     "central_vi_soft": ["--set", "alignment.soft_targets=0.8"],
-    # The tiny config's schedule with CT frozen in the ct-mri round (only MRI moves toward CT).
-    "central_vi_ct_frozen": ["--set", "alignment.rounds=[{name: hub, pairs: [[text, xray], [text, ct], [text, mri]], "
-                             "trainable: [text, xray, ct, mri], steps: 800}, {name: ct_mri, pairs: [[ct, mri]], "
-                             "trainable: [mri], steps: 200}]"],
 }
+
+
+def central_rounds(ct_mri_trainable: str, hub_steps: int = 1600, ct_mri_steps: int = 400) -> list[str]:
+    """``--set`` for the central schedule (hub round, then ct-mri with ``ct_mri_trainable`` moving)."""
+    return ["--set", "alignment.rounds=[{name: hub, pairs: [[text, xray], [text, ct], [text, mri]], trainable: "
+            f"[text, xray, ct, mri], steps: {hub_steps}}}, {{name: ct_mri, pairs: [[ct, mri]], trainable: "
+            f"[{ct_mri_trainable}], steps: {ct_mri_steps}}}]"]
+
+
+# tiny.yaml's schedule with CT frozen in the ct-mri round (only MRI moves toward CT), or with both moving.
+VARIANTS["central_vi_ct_frozen"] = central_rounds("mri")
+VARIANTS["central_vi_ct_trainable"] = central_rounds("ct, mri")
 VARIANTS["central_vi_soft_ct_frozen"] = VARIANTS["central_vi_soft"] + VARIANTS["central_vi_ct_frozen"]
 # The finding classifiers' augmentation strength (docs/decisions.md): about +-2 px of shift, 3 degrees, 5 % contrast,
 # 0.01 brightness and noise of at most 0.005 (5 HU), below the contrast of the smallest findings.
@@ -68,7 +84,14 @@ VARIANTS["central_vi_mild_aug_ct_frozen"] = VARIANTS["central_vi_mild_aug"] + VA
 # + the finding classifiers' CT input windows (brain -20..100 HU, soft tissue -160..240 HU) as extra input channels.
 CT_WINDOWS = ["--set", "alignment.model.input_windows={ct: [[-0.02, 0.1], [-0.16, 0.24]]}"]
 VARIANTS["central_vi_mild_aug_ct_frozen_ct_windows"] = VARIANTS["central_vi_mild_aug_ct_frozen"] + CT_WINDOWS
-VARIANTS["central_vi_mild_aug_ct_windows"] = VARIANTS["central_vi_mild_aug"] + CT_WINDOWS  # base.yaml's alignment
+# base.yaml's alignment: CT trainable in the ct-mri round.
+VARIANTS["central_vi_mild_aug_ct_windows"] = VARIANTS["central_vi_mild_aug"] + VARIANTS["central_vi_ct_trainable"] + CT_WINDOWS
+VARIANTS["central_vi_strong_aug"] = [
+    "--set", "alignment.augment.crop_scale=[0.7, 1.0]", "--set", "alignment.augment.crop_ratio=[0.8, 1.25]",
+    "--set", "alignment.augment.max_rotation_deg=8", "--set", "alignment.augment.brightness=0.1",
+    "--set", "alignment.augment.contrast=0.2", "--set", "alignment.augment.noise_std=0.05",
+    "--set", "alignment.model.input_windows={}", *central_rounds("ct, mri", hub_steps=800, ct_mri_steps=200),
+]
 # Weaker still: about +-1 px, 1 degree, 2 % contrast, noise of at most 0.002 (the views barely differ for VI).
 VARIANTS["central_vi_minimal_aug"] = ["--set", "alignment.augment.crop_scale=[0.95, 1.0]", "--set", "alignment.augment.crop_ratio=[0.98, 1.02]",
                                       "--set", "alignment.augment.max_rotation_deg=1", "--set", "alignment.augment.brightness=0.005",
@@ -165,6 +188,7 @@ def main() -> None:
             [f"--config {args.config}"] + ([f"--max_train_steps {args.max_train_steps}"] if args.max_train_steps else [])
             + ([f"--num_threads {args.num_threads}"] if args.num_threads else [])
             + [f"--set {s}" for s in args.set] + [f"--variants {' '.join(args.variants)}"]),
+        "commit": git_commit(),
         "dataset": str(dataset_path),
         "split": "test",
         "test_patients": test_data.split.num_rows,
@@ -179,11 +203,22 @@ def main() -> None:
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
 
 
+def git_commit() -> str | None:
+    """The checkout's short commit (a variant's meaning follows the config file of that commit), or None."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout
+    except OSError:
+        return None
+    return (commit + (" with uncommitted changes" if dirty.strip() else "")) or None
+
+
 def render_markdown(meta: dict, results: dict) -> str:
     lines = [
         "# Stage 1: alignment schemes, measured side by side",
         "",
-        f"Produced by `{meta['command']}` on {meta['machine']}; dataset `{meta['dataset']}`, "
+        f"Produced by `{meta['command']}`{' at commit ' + meta['commit'] if meta.get('commit') else ''} on "
+        f"{meta['machine']}; dataset `{meta['dataset']}`, "
         f"{meta['split']} split ({meta['test_patients']} patients). Every variant has the same config (apart from what its name changes), step count, "
         "batch and seed. R@k: the paired sample among the top k by cosine similarity (mean of both directions; "
         "MRI averaged over T1/T2/PD/FLAIR). Agreement: the top-1 hit's findings equal the query's, as a set of "

@@ -8,7 +8,8 @@
   floor (PSNR of the noisy image against its noiseless render: what a perfect denoising reconstruction
   would score against the noisy target);
 * text VAE reconstruction: exact match and corpus BLEU-4 (sacrebleu) of greedy ``decode(encode(report))``;
-* the retrieval table of the alignment stage (copied from ``docs/results/alignment.json`` when present);
+* cross-modal retrieval of ``--root``'s prompt encoders (the ones the LDMs are conditioned on), and of its
+  alignment stage's hub round when ``<root>/alignment/rounds/hub`` exists (ct<->mri before its round);
 * a montage of single-flow text -> image samples (DDIM 50, guidance 2) next to the real phantoms of the
   same reports, and image -> report samples.
 
@@ -18,6 +19,7 @@ Everything is seeded; rerunning gives the same numbers on the same machine.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import re
@@ -214,6 +216,28 @@ def image_to_report_samples(dataset, components, args) -> list[dict[str, str]]:
     return out
 
 
+def load_training_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "training" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def measure_retrieval(root: Path, dataset, tokenizer, max_text_length: int = 160) -> dict:
+    """Recall@1/@5 and top-1 finding agreement (``train_alignment.evaluate_retrieval``) on the test split, for the
+    final prompt encoders and, when saved, the alignment's hub round."""
+    ta = load_training_script("train_alignment")
+    image_keys = [k for f in ("xray", "ct", "mri") for k in ta.modalities_of_family(f)]
+    data = ta.AlignmentData(dataset["test"], image_keys)
+    encoders = {"after the hub round": root / "alignment" / "rounds" / "hub", "final (prompt_encoders)": root / "prompt_encoders"}
+    results = {}
+    for name, path in encoders.items():
+        if path.is_dir():
+            with torch.no_grad():
+                results[name] = ta.evaluate_retrieval(MedM2GPromptEncoders.from_pretrained(str(path)).eval(), data, tokenizer, max_text_length)
+    return results
+
+
 def main():
     args = parse_args()
     torch.manual_seed(args.seed)
@@ -241,17 +265,16 @@ def main():
     montage_path, montage_reports = text_to_image_montage(root, dataset, components, args, out.with_name(f"{out.stem}_text_to_image.png"))
     report_samples = image_to_report_samples(dataset, components, args)
     diagnostics = ldm_diagnostics(dataset, components, args)
-    alignment_json = ROOT / "docs" / "results" / "alignment-1000.json"
-    alignment = json.loads(alignment_json.read_text()) if alignment_json.is_file() else None
-    results = {"image_vae": vae_results, "text_vae": text_results, "report_samples": report_samples, "ldm_diagnostics": diagnostics,
+    retrieval = measure_retrieval(root, dataset, components["tokenizer"])
+    results = {"image_vae": vae_results, "text_vae": text_results, "retrieval": retrieval, "report_samples": report_samples, "ldm_diagnostics": diagnostics,
                "montage": montage_path.name, "montage_reports": montage_reports,
                "seconds": time.perf_counter() - started, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"}
     out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str))
-    out.write_text(render(results, alignment, args))
+    out.write_text(render(results, args))
     print(out.read_text())
 
 
-def render(results: dict, alignment: dict | None, args) -> str:
+def render(results: dict, args) -> str:
     lines = [
         "# Stages 0-2 on the phantom test split",
         "",
@@ -281,15 +304,26 @@ def render(results: dict, alignment: dict | None, args) -> str:
         ]
         for ref, dec in results["text_vae"]["examples"]:
             lines += [f"- real: {ref}", f"  decoded: {dec}"]
-    if alignment is not None:
-        lines += ["", "## Cross-modal retrieval (alignment stage)", "",
-                  "[alignment-1000.md](alignment-1000.md): the 1,000-step central + VI prompt encoders these LDMs are "
-                  "conditioned on; [alignment.md](alignment.md): central vs no-VI vs pairwise at 200 steps, with wall times. "
-                  "[alignment-variants.md](alignment-variants.md): label-aware (soft-target) InfoNCE and a CT-frozen ct-mri round "
-                  "against the default, 1,000 steps each. [alignment-minilm.md](alignment-minilm.md): the pretrained MiniLM text "
-                  "encoder against the scratch one, 500 steps each. [retrieval-ceiling.md](retrieval-ceiling.md): the agreement "
-                  "a perfect encoder blind to nodules (and masses) could reach. [alignment-augment.md](alignment-augment.md): the "
-                  "finding classifiers' milder augmentation against the config's, 1,000 and 2,000 steps."]
+    if results.get("retrieval"):
+        names = list(results["retrieval"])
+        lines += ["", "## Cross-modal retrieval (test split)", "",
+                  "Mean of both directions; MRI averaged over its four contrasts. Agreement: the top-1 hit's findings equal "
+                  "the query's (chance: a random pairing). xray-mri and xray-ct are never trained as pairs; ct-mri only in "
+                  "the last round.", "",
+                  "| pair | " + " | ".join(f"{n}: R@1 | R@5 | top-1 agreement" for n in names) + " | chance |",
+                  "| --- | " + " | ".join("--- | --- | ---" for _ in names) + " | --- |"]
+        for pair in results["retrieval"][names[-1]]:
+            cells = []
+            for n in names:
+                m = results["retrieval"][n].get(pair, {}).get("mean")
+                cells.append(f"{m['recall@1']:.3f} | {m['recall@5']:.3f} | {m['finding_agreement']:.3f}" if m else "– | – | –")
+            chance = results["retrieval"][names[-1]][pair]["mean"]["finding_agreement_chance"]
+            lines.append(f"| {pair} | " + " | ".join(cells) + f" | {chance:.3f} |")
+        lines += ["", "Alignment schemes side by side: [alignment.md](alignment.md) (central vs no-VI vs pairwise, with wall "
+                  "times), [alignment-augment-2000.md](alignment-augment-2000.md) (augmentation and CT windows; its "
+                  "`central_vi_mild_aug_ct_frozen_ct_windows` is tiny.yaml's alignment since the r34 retrain), "
+                  "[alignment-variants.md](alignment-variants.md), [alignment-minilm.md](alignment-minilm.md), "
+                  "[retrieval-ceiling.md](retrieval-ceiling.md) (what a perfect encoder blind to nodules, or masses, could reach)."]
     lines += ["", "## Single-flow text -> image", "",
               f"![real / generated pairs]({results['montage']})", "",
               "Pairs of rows: the real phantom, then each family's single-flow LDM sampled from that patient's report "

@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from training_scripts import load_script
+
+REPO = Path(__file__).resolve().parents[1]
 
 TYPES = ("pleural_effusion", "cardiomegaly", "nodule", "mass", "pneumothorax", "consolidation", "pacemaker")
 
@@ -291,3 +294,51 @@ def test_alignment_page_summarises_each_variants_last_round():
     results["central_vi"]["by_anatomy"] = {"ct_mri": {"chest": {"text-ct": scores(0.6)}, "head": {"text-ct": scores(0.05), "ct-mri": scores(0.4)}}}
     page = alignment.render_markdown(meta, results)
     assert "| central_vi | 0.600 (0.070) | 0.050 (0.070) | – | – | – | 0.400 (0.070) |" in page
+
+
+def test_alignment_page_names_the_commit_its_variants_ran_at():
+    alignment = load_script("scripts/measure_alignment.py")
+    meta = {"command": "python scripts/measure_alignment.py", "machine": "x86_64", "dataset": "d", "split": "test",
+            "test_patients": 400, "commit": "abc1234"}
+    results = {"central_vi": {"train_wall_time_s": 1.0, "steps": 2, "final_round": "hub",
+                              "rounds": {"hub": {"text-ct": {"mean": {"recall@1": 0.1, "recall@5": 0.3, "finding_agreement": 0.2,
+                                                                      "finding_agreement_chance": 0.07, "n": 400}}}}}}
+    assert "` at commit abc1234 on x86_64" in alignment.render_markdown(meta, results)
+    del meta["commit"]  # the JSON of pages made before the commit was recorded
+    assert " at commit " not in alignment.render_markdown(meta, results)
+
+
+def test_strong_aug_variant_is_tiny_yaml_before_the_r34_retrain():
+    """The pages made before the retrain call this setting central_vi; the variant keeps them rerunnable."""
+    import subprocess
+
+    from medm2g_diffusers.training_utils import load_config
+
+    alignment = load_script("scripts/measure_alignment.py")
+    old = subprocess.run(["git", "show", "5be7207:training/configs/tiny.yaml"], cwd=REPO, capture_output=True, text=True)
+    if old.returncode != 0:
+        pytest.skip("a shallow clone without commit 5be7207")
+    args = alignment.VARIANTS["central_vi_strong_aug"]
+    sets = [args[i + 1] for i in range(0, len(args), 2) if args[i] == "--set"]
+    new = load_config(REPO / "training/configs/tiny.yaml", sets)["alignment"]
+    old = yaml.safe_load(old.stdout)["alignment"]
+    new["model"].pop("input_windows")
+    assert new == old
+
+
+def test_stages_page_tabulates_retrieval_of_each_saved_encoder():
+    from types import SimpleNamespace
+
+    stages = load_script("scripts/measure_stages.py")
+
+    def scores(agreement):
+        return {"mean": {"recall@1": 0.1, "recall@5": 0.3, "finding_agreement": agreement, "finding_agreement_chance": 0.07, "n": 400}}
+
+    results = {"image_vae": {}, "text_vae": None, "report_samples": [], "ldm_diagnostics": {}, "montage": "m.png",
+               "montage_reports": [], "seconds": 1.0, "machine": "x86_64, 1 threads",
+               "retrieval": {"after the hub round": {"text-ct": scores(0.5)},
+                             "final (prompt_encoders)": {"text-ct": scores(0.6), "ct-mri": scores(0.7)}}}
+    args = SimpleNamespace(root="r", dataset="d", unet_root=None, skip=[], note="", steps=50, guidance=2.0, seed=0)
+    page = stages.render(results, args)
+    assert "| text-ct | 0.100 | 0.300 | 0.500 | 0.100 | 0.300 | 0.600 | 0.070 |" in page
+    assert "| ct-mri | – | – | – | 0.100 | 0.300 | 0.700 | 0.070 |" in page  # no ct-mri score before its round
