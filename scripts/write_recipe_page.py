@@ -7,7 +7,9 @@ checkpoint (by default: is a rerun of the recipe within noise of the bundled med
     python scripts/write_recipe_page.py --times runs/recipe_check/recipe_times.log \
         --results runs/recipe_check/evaluate/benchmark.json
 
-`--title` and `--heading` rename the page and the comparison (say, when the run became the bundled checkpoint and is
+`--previous_times LOG` adds the seconds of an earlier run of the recipe beside each step, and their ratio, so a
+step whose config did not change shows how fast the machine was on each day. `--title` and `--heading` rename
+the page and the comparison (say, when the run became the bundled checkpoint and is
 scored beside the one it replaced); `--also HEADING=JSON` adds an earlier comparison below it, such as the last rerun.
 Everything above the notes marker is regenerated; the hand-written reading below it is kept.
 """
@@ -44,18 +46,36 @@ TITLE = "training/recipes/tiny.sh end to end, and how close a rerun comes to the
 HEADING = "The rerun's model beside the bundled one"
 
 
+def time_rows(times: list[tuple[str, int]], previous: list[tuple[str, int]] | None) -> list[str]:
+    """The step table; with ``previous``, that run's seconds for the same step and this run's over them."""
+    previous_seconds = {what: seconds for what, seconds in (previous or [])}
+    header = ["| step | seconds |", "| --- | --- |"]
+    if previous is not None:
+        header = ["| step | seconds | previous run's seconds | ratio |", "| --- | --- | --- | --- |"]
+    rows = []
+    for what, seconds in times:
+        cells = [what.replace("|", r"\|"), str(seconds)]  # a lanes line has a pipe
+        if previous is not None:
+            before = previous_seconds.get(what)
+            cells += [str(before), f"{seconds / before:.2f}"] if before else ["–", "–"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return header + rows
+
+
 def page_lines(times: list[tuple[str, int]], results: dict, times_path: str, results_path: str, title: str = TITLE,
-               heading: str = HEADING, also: list[tuple[str, dict]] = ()) -> list[str]:
-    """The page: the recipe's step times, then the comparison of ``results``, then each further ``(heading, results)``."""
+               heading: str = HEADING, also: list[tuple[str, dict]] = (), previous: list[tuple[str, int]] | None = None,
+               previous_path: str | None = None) -> list[str]:
+    """The page: the recipe's step times (beside ``previous``'s when given), then the comparison of ``results``,
+    then each further ``(heading, results)``."""
     total = dict(times)["recipe"]
-    rows = [(what.replace("|", r"\|"), seconds) for what, seconds in times]  # a lanes line has a pipe
+    command = f"scripts/write_recipe_page.py --times {times_path} --results {results_path}"
+    if previous_path:
+        command += f" --previous_times {previous_path}"
     lines = [
         f"# {title}", "",
-        f"Made by `scripts/write_recipe_page.py --times {times_path} --results {results_path}` from the runs its "
-        "docstring lists.", "",
+        f"Made by `{command}` from the runs its docstring lists.", "",
         f"## Wall time: {total / 60:.1f} min", "",
-        "| step | seconds |", "| --- | --- |",
-        *(f"| {what} | {seconds} |" for what, seconds in rows), "",
+        *time_rows(times, previous), "",
         "Steps inside `lanes lane1 | lane2` ran at the same time, one torch thread each; the lanes line is their wall "
         "time together. The phantom data step is absent when the data already existed.", "",
         *run_section(heading, results, paired=True),
@@ -70,6 +90,7 @@ def main() -> None:
     parser.add_argument("--times", required=True, help="recipe_times.log of a tiny.sh run")
     parser.add_argument("--results", required=True, help="benchmark.json of medm2g evaluate on its pipeline (with the bundled model as a baseline)")
     parser.add_argument("--out", default="docs/results/tiny-recipe.md")
+    parser.add_argument("--previous_times", default=None, help="recipe_times.log of an earlier run, shown beside")
     parser.add_argument("--title", default=TITLE)
     parser.add_argument("--heading", default=HEADING, help="the section of --results")
     parser.add_argument("--also", action="append", default=[], metavar="HEADING=JSON",
@@ -80,8 +101,10 @@ def main() -> None:
     except ValueError as error:
         parser.error(str(error))
     times = recipe_times(Path(args.times).read_text())
+    previous = recipe_times(Path(args.previous_times).read_text()) if args.previous_times else None
     results = json.loads(Path(args.results).read_text())
-    write_page_keeping_notes(Path(args.out), page_lines(times, results, args.times, args.results, args.title, args.heading, also))
+    write_page_keeping_notes(Path(args.out), page_lines(times, results, args.times, args.results, args.title, args.heading, also,
+                                                        previous, args.previous_times))
     print(f"wrote {args.out}")
 
 

@@ -46,3 +46,14 @@ def test_further_comparisons_follow_under_their_own_headings(page, monkeypatch):
                             also=[("B", {"model": "rerun"})])
     assert lines[0] == "# T"
     assert lines.index("## A") < lines.index("(tables of new)") < lines.index("## B") < lines.index("(tables of rerun)")
+
+
+def test_previous_run_times_sit_beside_each_step_with_their_ratio(page, monkeypatch):
+    monkeypatch.setattr(tables, "markdown_tables", lambda results: "(tables)")
+    monkeypatch.setattr(tables, "evaluate_command", lambda results: "medm2g evaluate ...")
+    previous = page.recipe_times(LOG.replace("took 779 s", "took 700 s").replace("[tiny.sh] lanes lane1 | lane2 took 3477 s\n", ""))
+    lines = page.page_lines(page.recipe_times(LOG), {"model": "rerun", "baselines": [], "image_to_image": {}}, "times.log",
+                            "results.json", previous=previous, previous_path="old.log")
+    assert "| train_ldm.py --family xray | 779 | 700 | 1.11 |" in lines
+    assert "| lanes lane1 \\| lane2 | 3477 | – | – |" in lines  # a step the earlier run did not log
+    assert "--previous_times old.log` from" in lines[2]
