@@ -59,3 +59,13 @@ def test_cli_uses_the_bundled_checkpoint_by_default(tmp_path):
     assert code == 0
     image = PIL.Image.open(tmp_path / "xray_0.png")
     assert image.text["medm2g:model"] == "medm2g-tiny" and image.text["medm2g:synthetic"] == "true"
+
+
+def test_a_text_only_partial_load_drops_the_ct_encoders_windows():
+    """The bundled prompt encoders read CT through windows; loading only the text encoder must not trip on them."""
+    from medm2g_diffusers import MedM2GPipeline
+
+    pipe = MedM2GPipeline.from_pretrained("medm2g-tiny", targets=["xray"], conditions=["text"])
+    assert pipe.prompt_encoders.config.families == ["text"] and not pipe.prompt_encoders.config.input_windows
+    pipe = MedM2GPipeline.from_pretrained("medm2g-tiny", targets=["xray"], conditions=["ct"])
+    assert pipe.prompt_encoders.config.input_windows == {"ct": [[-0.02, 0.1], [-0.16, 0.24]]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -291,8 +292,13 @@ class MedM2GPipeline(DiffusionPipeline, MedM2GLoraLoaderMixin):
             if "text" not in denoisers:
                 components["text_vae"] = None  # it only turns generated text latents into reports
         if conditions is not None:
+            # input_windows belong to their family's encoder: keep only the loaded families' (a text-only load of an
+            # encoder set with CT windows has no CT encoder to read them).
+            with open(os.path.join(path, "prompt_encoders", "config.json")) as handle:
+                windows = json.load(handle).get("input_windows") or {}
             components["prompt_encoders"] = load_model_subset(
-                MedM2GPromptEncoders, os.path.join(path, "prompt_encoders"), config_updates={"families": encoders}, dtype=dtype
+                MedM2GPromptEncoders, os.path.join(path, "prompt_encoders"), dtype=dtype,
+                config_updates={"families": encoders, "input_windows": {f: w for f, w in windows.items() if f in encoders}},
             )
         record = _PartialLoad(
             name=name, targets=None if targets is None else list(targets), conditions=None if conditions is None else list(conditions),
